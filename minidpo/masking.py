@@ -1,0 +1,234 @@
+"""Which tokens DPO scores.
+
+MiniMind renders a whole conversation with the chat template, tokenizes it, truncates it to `max_length` and
+scores every assistant span it finds by searching token ids for two markers: the ids of `f"{bos}assistant\\n"`
+open a span, the ids of `f"{eos}\\n"` close it (closing marker included). `encode_pair` reproduces that search
+token for token (`mask_mode="minimind"`), so minidpo trains on exactly what MiniMind trains on.
+
+Other chat models cannot always express those markers (Qwen has no `bos_token`, Llama 3's `bos_token` is not
+its turn opener). For them, and for `mask_mode="last-turn"`, spans come from the chat template itself: an
+assistant turn is the text between the rendered prefix with the generation prompt and the rendered prefix
+including that turn, mapped to tokens through the tokenizer's offsets. On MiniMind2's tokenizer both ways give
+the same mask (tested); on minimind-3's the marker search also scores the empty `<think>` block its template
+puts after the header, which the template way leaves out — MiniMind's behaviour is kept in "minimind" mode.
+
+Where MiniMind's search scores nothing or something odd, `diagnose_pair` says so (see `Issue` codes):
+  - `no_scored_tokens` (fatal): a side scores no token, e.g. `max_length` cuts inside the prompt or the
+    assistant header; MiniMind would divide 0 by its 1e-8 clamp and train on a meaningless zero log-prob.
+  - `unscored_assistant_turn`: fewer assistant spans found than assistant turns (a header tokenized
+    differently in context), so MiniMind silently skips that turn.
+  - `unterminated_turn`: a span with no closing marker before the end of an untruncated sequence; MiniMind
+    would score its padding too (we score up to the last real token).
+  - `answer_truncated`: the final answer is cut by `max_length` (scored up to the cut, as MiniMind does).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+MASK_MODES = ("minimind", "last-turn")
+SIDES = ("chosen", "rejected")
+
+
+class MaskingError(ValueError):
+    """The tokenizer or its chat template cannot be used to score assistant tokens."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Issue:
+    code: str
+    message: str
+    fatal: bool = False
+
+
+@dataclass(frozen=True)
+class _Scheme:
+    """How one tokenizer is scored: MiniMind's marker ids, or None to take spans from the chat template."""
+
+    bos_ids: tuple[int, ...] | None
+    eos_ids: tuple[int, ...] | None
+
+
+_SCHEMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def render(messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _scheme(tokenizer) -> _Scheme:
+    try:
+        return _SCHEMES[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    if not getattr(tokenizer, "chat_template", None):
+        raise MaskingError(
+            "no_chat_template",
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; minidpo renders "
+            "conversations with it. Use a chat/instruct tokenizer, or set `tokenizer.chat_template`.",
+        )
+    if not getattr(tokenizer, "is_fast", False):
+        raise MaskingError("slow_tokenizer", "minidpo needs a fast (Rust) tokenizer for exact token offsets.")
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    scheme = _Scheme(None, None)
+    if bos and eos:
+        probe = render([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], tokenizer)
+        # MiniMind's search only means something when the template really opens a turn with
+        # "<bos>assistant\n" and closes it with "<eos>\n" (true for MiniMind's ChatML templates).
+        if f"{bos}assistant\n" in probe and f"{eos}\n" in probe:
+            ids = lambda s: tuple(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+            scheme = _Scheme(ids(f"{bos}assistant\n"), ids(f"{eos}\n"))
+    try:
+        _SCHEMES[tokenizer] = scheme
+    except TypeError:
+        pass
+    return scheme
+
+
+def uses_minimind_markers(tokenizer) -> bool:
+    """True when "minimind" mode runs MiniMind's own marker search on this tokenizer."""
+    return _scheme(tokenizer).bos_ids is not None
+
+
+def _find(ids: list[int], pattern: tuple[int, ...], start: int) -> int:
+    """First index >= start where `pattern` occurs in `ids`, or -1 (list.index keeps the scan in C)."""
+    first, n = pattern[0], len(pattern)
+    i = start
+    while True:
+        try:
+            i = ids.index(first, i)
+        except ValueError:
+            return -1
+        if tuple(ids[i : i + n]) == pattern:
+            return i
+        i += 1
+
+
+def minimind_spans(ids: list[int], bos_ids, eos_ids) -> list[tuple[int, int, bool]]:
+    """MiniMind's marker search: (start, end, closed) per span; tokens start..end-1 are scored.
+
+    A span opens right after the opening marker and runs through the closing marker inclusive; with no closing
+    marker it runs to the end of the sequence (`closed` is False). The search resumes after the closing marker.
+    """
+    spans = []
+    i = 0
+    while True:
+        i = _find(ids, bos_ids, i)
+        if i < 0:
+            return spans
+        start = i + len(bos_ids)
+        end = _find(ids, eos_ids, start)
+        if end < 0:
+            spans.append((start, len(ids), False))
+            return spans
+        spans.append((start, end + len(eos_ids), True))
+        i = end + len(eos_ids)
+
+
+def assistant_char_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and, per assistant turn, the character span the model produces (answer + end of turn)."""
+    text = render(messages, tokenizer)
+    spans = []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        head = render(messages[:k], tokenizer, add_generation_prompt=True)
+        upto = render(messages[: k + 1], tokenizer)
+        if not (upto.startswith(head) and text.startswith(upto)):
+            raise MaskingError(
+                "template_not_prefix_stable",
+                "the chat template renders earlier turns differently once later turns are added (e.g. it drops "
+                "reasoning from past turns), so assistant spans cannot be located exactly. Use "
+                "mask_mode='last-turn' with single-turn data, or a template that renders each turn once.",
+            )
+        spans.append((len(head), len(upto)))
+    return text, spans
+
+
+def _mask_from_char_spans(offsets, char_spans) -> list[int]:
+    # A token is scored when it overlaps an assistant span: a token straddling the header/answer boundary carries
+    # part of the answer, and the model chose it.
+    mask = [0] * len(offsets)
+    for s, e in char_spans:
+        for t, (a, b) in enumerate(offsets):
+            if a < e and b > s and b > a:
+                mask[t] = 1
+    return mask
+
+
+@dataclass
+class _Encoded:
+    ids: list[int]
+    mask: list[int]
+    issues: list[Issue]
+
+
+def _encode_side(messages, tokenizer, max_length, mask_mode, side) -> _Encoded:
+    scheme = _scheme(tokenizer)
+    issues: list[Issue] = []
+    n_turns = sum(m["role"] == "assistant" for m in messages)
+    if mask_mode == "minimind" and scheme.bos_ids is not None:
+        # Exactly MiniMind's call: default special-token handling, keep-start truncation.
+        ids = tokenizer(render(messages, tokenizer))["input_ids"]
+        full_spans = minimind_spans(ids, scheme.bos_ids, scheme.eos_ids)
+        if len(full_spans) != n_turns:
+            issues.append(Issue(
+                "unscored_assistant_turn" if len(full_spans) < n_turns else "extra_scored_span",
+                f"{side}: MiniMind's marker search finds {len(full_spans)} assistant span(s) for {n_turns} "
+                "assistant turn(s)"))
+        if any(not closed for _, _, closed in full_spans):
+            issues.append(Issue("unterminated_turn", f"{side}: an assistant span has no closing marker; MiniMind "
+                                "would also score the padding after it"))
+        if max_length is not None:
+            ids = ids[:max_length]
+        mask = [0] * len(ids)
+        for start, end, _ in minimind_spans(ids, scheme.bos_ids, scheme.eos_ids):
+            mask[start:end] = [1] * (min(end, len(ids)) - start)
+        answer_end = full_spans[-1][1] if full_spans else 0
+    else:
+        text, char_spans = assistant_char_spans(messages, tokenizer)
+        if mask_mode == "last-turn":
+            char_spans = char_spans[-1:]
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        mask = _mask_from_char_spans(offsets, char_spans)
+        answer_end = max((t + 1 for t, m in enumerate(mask) if m), default=0)
+        if max_length is not None:
+            ids, mask = ids[:max_length], mask[:max_length]
+    if max_length is not None and answer_end > max_length:
+        issues.append(Issue("answer_truncated", f"{side}: max_length {max_length} cuts the final answer "
+                            f"({answer_end} tokens needed)"))
+    if not any(mask):
+        issues.append(Issue("no_scored_tokens", f"{side}: no token is scored after truncation to max_length "
+                            f"{max_length} ({len(ids)} tokens kept)" if max_length is not None else
+                            f"{side}: no assistant token found to score", fatal=True))
+    return _Encoded(ids, mask, issues)
+
+
+def diagnose_pair(record: dict, tokenizer, max_length: int | None = None, mask_mode: str = "minimind"):
+    """`encode_pair`'s output plus the list of `Issue`s found on the way (fatal ones mean: do not train on it)."""
+    if mask_mode not in MASK_MODES:
+        raise MaskingError("bad_mask_mode", f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+    out, issues = {}, []
+    for side in SIDES:
+        enc = _encode_side(record["prompt"] + record[side], tokenizer, max_length, mask_mode, side)
+        out[f"{side}_input_ids"] = enc.ids
+        out[f"{side}_loss_mask"] = enc.mask
+        issues += enc.issues
+    return out, issues
+
+
+def encode_pair(record: dict, tokenizer, max_length: int | None = None, mask_mode: str = "minimind") -> dict:
+    """Token ids and loss masks of both sides of a TRL conversational record.
+
+    Returns plain lists `chosen_input_ids`, `chosen_loss_mask`, `rejected_input_ids`, `rejected_loss_mask`:
+    ids unpadded and cut to `max_length` keeping the start; `loss_mask[i] == 1` means token `i` is scored, i.e.
+    predicted from position `i - 1` (never true for `i == 0`).
+    """
+    return diagnose_pair(record, tokenizer, max_length, mask_mode)[0]
