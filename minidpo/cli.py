@@ -13,6 +13,10 @@ import sys
 COMMANDS = {
     "convert": ("minidpo.data", "add_convert_arguments", "convert_command",
                 "convert MiniMind dpo.jsonl into TRL prompt/chosen/rejected records"),
+    "import-minimind": ("minidpo.minimind", "add_import_arguments", "import_command",
+                        "turn a MiniMind *.pth checkpoint into a Transformers model folder"),
+    "export-minimind": ("minidpo.minimind", "add_export_arguments", "export_command",
+                        "write a model folder (or LoRA adapter, merged) as a MiniMind *.pth checkpoint"),
 }
 
 

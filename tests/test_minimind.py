@@ -1,0 +1,225 @@
+"""MiniMind checkpoint import/export: parity with MiniMind's own logits, exact round trips, clear errors."""
+
+import json
+
+import pytest
+import torch
+from conftest import shared_path
+from transformers import AutoModelForCausalLM
+
+from minidpo.cli import UserError, main
+from minidpo.minimind import export_minimind, import_minimind, infer_architecture, minimind_keys
+
+VOCAB = 48
+
+
+def make_state_dict(version="minimind2", hidden=32, layers=2, heads=4, kv_heads=2, intermediate=96,
+                    vocab=VOCAB, tied=True, seed=0):
+    """A random fp16 state_dict laid out like MiniMind saves one (both embedding keys, even when tied)."""
+    g = torch.Generator().manual_seed(seed)
+    d = hidden // heads
+    shapes = {"q_proj": (heads * d, hidden), "k_proj": (kv_heads * d, hidden), "v_proj": (kv_heads * d, hidden),
+              "o_proj": (hidden, heads * d), "q_norm": (d,), "k_norm": (d,), "input_layernorm": (hidden,),
+              "post_attention_layernorm": (hidden,), "gate_proj": (intermediate, hidden),
+              "up_proj": (intermediate, hidden), "down_proj": (hidden, intermediate),
+              "embed_tokens": (vocab, hidden), "norm": (hidden,), "lm_head": (vocab, hidden)}
+    sd = {}
+    for key in minimind_keys(version, layers):
+        sd[key] = (torch.randn(shapes[key.split(".")[-2]], generator=g) * 0.1).half()
+    if tied:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    return sd
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory):
+    """A word-level tokenizer with VOCAB tokens and MiniMind's special-token ids, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2} | {f"w{i}": i for i in range(3, VOCAB)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}"
+    path = tmp_path_factory.mktemp("tokenizer")
+    tok.save_pretrained(path)
+    return path
+
+
+def save(sd, path):
+    torch.save(sd, path)
+    return path
+
+
+def assert_same(a: dict, b: dict):
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype == torch.float16, k
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---- without ../shared ----
+
+@pytest.mark.parametrize("version,tied", [("minimind2", True), ("minimind3", True), ("minimind3", False)])
+def test_synthetic_import_export_round_trip(tmp_path, tiny_tokenizer, version, tied):
+    sd = make_state_dict(version, tied=tied)
+    summary = import_minimind(save(sd, tmp_path / "in.pth"), tiny_tokenizer, tmp_path / "hf")
+    assert summary["version"] == version
+    assert (summary["num_attention_heads"], summary["num_key_value_heads"], summary["head_dim"]) == (4, 2, 8)
+    assert (summary["intermediate_size"], summary["vocab_size"]) == (96, VOCAB)
+    assert summary["tie_word_embeddings"] == tied
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert type(model).__name__ == {"minimind2": "LlamaForCausalLM", "minimind3": "Qwen3ForCausalLM"}[version]
+    assert model.generation_config.eos_token_id == 2 and model.generation_config.pad_token_id == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["rms_norm_eps"] == (
+        1e-5 if version == "minimind2" else 1e-6)
+
+    export_minimind(tmp_path / "hf", tmp_path / "out.pth")
+    exported = torch.load(tmp_path / "out.pth", weights_only=True)
+    assert_same(sd, exported)
+    # and back again: the re-imported weights are the first import's, bit for bit
+    import_minimind(tmp_path / "out.pth", tiny_tokenizer, tmp_path / "hf2")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "hf2", dtype=torch.float32).state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in model.state_dict().items())
+
+
+def test_head_dim_and_overrides(tmp_path, tiny_tokenizer):
+    # 4 heads of 8 with 2 kv heads; with --head-dim 4 the same tensors read as 8 heads / 4 kv heads
+    sd = make_state_dict("minimind2")
+    assert infer_architecture(sd)["num_attention_heads"] == 4
+    arch = infer_architecture(sd, head_dim=4, rope_theta=1e4, rms_norm_eps=1e-6, max_position_embeddings=2048)
+    assert (arch["num_attention_heads"], arch["num_key_value_heads"], arch["head_dim"]) == (8, 4, 4)
+    assert (arch["rope_theta"], arch["rms_norm_eps"], arch["max_position_embeddings"]) == (1e4, 1e-6, 2048)
+    with pytest.raises(UserError, match="head_dim 5"):
+        infer_architecture(sd, head_dim=5)
+
+
+def test_lora_adapter_is_merged_before_export(tmp_path, tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    import_minimind(save(make_state_dict("minimind3"), tmp_path / "in.pth"), tiny_tokenizer, tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    # init_lora_weights=False: random B, so the merge visibly changes the weights
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tmp_path / "base")
+    merged = {k: v.half() for k, v in lora.merge_and_unload().state_dict().items()}
+
+    export_minimind(tmp_path / "adapter", tmp_path / "out.pth")
+    exported = torch.load(tmp_path / "out.pth", weights_only=True)
+    assert list(exported) == minimind_keys("minimind3", 2)
+    assert all(torch.equal(exported[k], merged[k]) for k in exported)
+    before = torch.load(tmp_path / "in.pth", weights_only=True)
+    assert not torch.equal(exported["model.layers.0.self_attn.q_proj.weight"],
+                           before["model.layers.0.self_attn.q_proj.weight"])
+
+
+# ---- errors: one clear message each ----
+
+@pytest.mark.parametrize("moe_key", ["model.layers.0.mlp.experts.0.gate_proj.weight",  # both versions
+                                     "model.layers.0.mlp.gate.weight",
+                                     "model.layers.0.mlp.shared_experts.0.up_proj.weight"])  # MiniMind2 MoE
+def test_moe_is_refused(moe_key):
+    sd = make_state_dict()
+    sd[moe_key] = torch.zeros(4, 32, dtype=torch.float16)
+    with pytest.raises(UserError, match="MoE checkpoint.*not supported yet"):
+        infer_architecture(sd)
+
+
+def test_missing_key():
+    sd = make_state_dict()
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(UserError, match=r"missing 1 key.*model\.layers\.1\.mlp\.up_proj\.weight"):
+        infer_architecture(sd)
+
+
+def test_unexpected_key():
+    sd = make_state_dict()
+    sd["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(32, dtype=torch.float16)
+    with pytest.raises(UserError, match="no dense minimind2 model has"):
+        infer_architecture(sd)
+
+
+def test_bad_shapes():
+    sd = make_state_dict()
+    sd["model.layers.1.mlp.down_proj.weight"] = torch.zeros(32, 80, dtype=torch.float16)
+    with pytest.raises(UserError, match=r"fit no known minimind2 layout.*down_proj"):
+        infer_architecture(sd)
+    sd = make_state_dict()
+    sd["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(48, 32, dtype=torch.float16)
+    with pytest.raises(UserError, match="q_proj rows == hidden size"):
+        infer_architecture(sd)
+
+
+def test_version_conflict():
+    with pytest.raises(UserError, match="it has q_norm/k_norm, so it is minimind3"):
+        infer_architecture(make_state_dict("minimind3"), version="minimind2")
+    with pytest.raises(UserError, match="it has no q_norm/k_norm, so it is minimind2"):
+        infer_architecture(make_state_dict("minimind2"), version="minimind3")
+
+
+def test_vocab_mismatch(tmp_path, tiny_tokenizer):
+    ckpt = save(make_state_dict(vocab=VOCAB + 16), tmp_path / "in.pth")
+    with pytest.raises(UserError, match=f"has {VOCAB} tokens but the checkpoint's embedding has {VOCAB + 16} rows"):
+        import_minimind(ckpt, tiny_tokenizer, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_not_a_state_dict(tmp_path, tiny_tokenizer):
+    with pytest.raises(UserError, match="does not exist"):
+        import_minimind(tmp_path / "nope.pth", tiny_tokenizer, tmp_path / "hf")
+    with pytest.raises(UserError, match="not a plain state_dict"):
+        import_minimind(save({"step": 3}, tmp_path / "x.pth"), tiny_tokenizer, tmp_path / "hf")
+    with pytest.raises(UserError, match="neither a Transformers model folder"):
+        export_minimind(tmp_path, tmp_path / "out.pth")
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path, tiny_tokenizer, capsys):
+    sd = make_state_dict()
+    sd["model.layers.0.mlp.experts.0.gate_proj.weight"] = torch.zeros(96, 32, dtype=torch.float16)
+    ckpt = save(sd, tmp_path / "moe.pth")
+    rc = main(["import-minimind", str(ckpt), "--tokenizer", str(tiny_tokenizer), "--output", str(tmp_path / "hf")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("minidpo import-minimind: error: ") and "Traceback" not in err
+    assert err.count("\n") == 1
+
+
+def test_cli_round_trip(tmp_path, tiny_tokenizer, capsys):
+    sd = make_state_dict("minimind3")
+    ckpt = save(sd, tmp_path / "in.pth")
+    args = ["import-minimind", str(ckpt), "--tokenizer", str(tiny_tokenizer), "--output", str(tmp_path / "hf")]
+    assert main(args) == 0
+    assert "detected minimind3 -> Qwen3ForCausalLM" in capsys.readouterr().out
+    assert main(["export-minimind", str(tmp_path / "hf"), "--output", str(tmp_path / "out" / "dpo_512.pth")]) == 0
+    assert_same(sd, torch.load(tmp_path / "out" / "dpo_512.pth", weights_only=True))
+
+
+# ---- with the real MiniMind-made checkpoints in ../shared ----
+
+@pytest.mark.parametrize("version", ["minimind2", "minimind3"])
+def test_reproduces_minimind_logits(tmp_path, version):
+    stem = {"minimind2": "minimind2-tiny", "minimind3": "minimind3-tiny"}[version]
+    ckpt = shared_path("minimind-checkpoints", f"{stem}.pth")
+    reference = torch.load(shared_path("minimind-checkpoints", f"{stem}.logits.pt"), weights_only=True)
+    tokenizer = shared_path("tokenizers", version)
+    made_with = json.loads(shared_path("minimind-checkpoints", f"{stem}.json").read_text())["config"]
+
+    summary = import_minimind(ckpt, tokenizer, tmp_path / "hf")
+    assert summary["version"] == version
+    for key in ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+                "intermediate_size", "rms_norm_eps", "rope_theta", "max_position_embeddings"]:
+        assert summary[key] == made_with[key], key
+
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    with torch.no_grad():
+        logits = model(reference["input_ids"]).logits
+    assert (logits - reference["logits"]).abs().max().item() <= 1e-4
+    assert (tmp_path / "hf" / "chat_template.jinja").is_file()
+
+    export_minimind(tmp_path / "hf", tmp_path / "out.pth")
+    assert_same(torch.load(ckpt, weights_only=True), torch.load(tmp_path / "out.pth", weights_only=True))
