@@ -11,6 +11,9 @@ import importlib
 import sys
 
 COMMANDS = {
+    "quickstart": ("minidpo.quickstart", "add_arguments", "run",
+                   "run the whole pipeline on the embedded tiny model and data (no downloads)"),
+    "train": ("minidpo.train", None, "run", "train with MiniDPOTrainer (same as minidpo/train.py)"),
     "convert": ("minidpo.data", "add_convert_arguments", "convert_command",
                 "convert MiniMind dpo.jsonl into TRL prompt/chosen/rejected records"),
     "import-minimind": ("minidpo.minimind", "add_import_arguments", "import_command",
@@ -57,4 +60,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m minidpo.cli` this file is `__main__`; run the package's copy so that the UserError the
+    # subcommands raise (minidpo.cli.UserError) is the one caught.
+    from minidpo.cli import main as _main
+
+    sys.exit(_main())

@@ -193,6 +193,14 @@ def _to_eval(line: bytes, seed: int, fraction: float) -> bool:
     return int.from_bytes(h, "big") < fraction * 2**64
 
 
+def split_records(records: list, fraction: float, seed: int = 0) -> tuple[list, list]:
+    """(train, eval) with the same rule `convert --eval-fraction` applies to its output lines."""
+    train, evals = [], []
+    for r in records:
+        (evals if _to_eval(json.dumps(r, ensure_ascii=False).encode("utf-8"), seed, fraction) else train).append(r)
+    return train, evals
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Tokenizer checks (the masking layer decides what is scored)
 

@@ -1,0 +1,176 @@
+"""Train a model with MiniMind's DPO.
+
+    accelerate launch minidpo/train.py --config configs/quickstart.yaml [--key value ...]
+    python minidpo/train.py --config ...          # single process
+    minidpo train --config ...                    # the same code
+
+Every knob is a field of one of three dataclasses, settable in the YAML file or on the command line:
+`ScriptArguments` (data), `MiniDPOConfig` (training: TRL's DPOConfig plus `length_normalize`, `mask_mode`) and
+`trl.ModelConfig` (model, dtype, LoRA). Read top to bottom: load, check, train, evaluate, save, push.
+"""
+
+import os
+import sys
+
+if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    # Run as a file, Python puts minidpo/ itself on the path, where data.py or cli.py would shadow other modules.
+    sys.path.pop(0)
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import ModelConfig, ScriptArguments as TrlScriptArguments, TrlParser
+
+from minidpo.cli import UserError
+from minidpo.trainer import MiniDPOConfig
+
+
+@dataclass
+class ScriptArguments(TrlScriptArguments):
+    """Data arguments. `dataset_name` is a local path: a MiniMind dpo.jsonl, a TRL-format jsonl (prompt/chosen/
+    rejected), or a directory written by `minidpo convert` (its train.jsonl / eval.jsonl)."""
+
+    dataset_train_split: str = field(default="train", metadata={"help": "split of a convert directory to train on"})
+    dataset_test_split: str = field(default="eval", metadata={"help": "split of a convert directory to evaluate on"})
+    eval_fraction: float = field(
+        default=0.0, metadata={"help": "hold out this share of a single-file dataset for evaluation (deterministic)"})
+    merge_adapter: bool = field(
+        default=False, metadata={"help": "with use_peft: also save the adapter merged into the base model, in "
+                                         "output_dir/merged"})
+
+
+def load_tokenizer(model_args: ModelConfig, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    from minidpo.masking import MaskingError, uses_minimind_markers
+
+    path = model_args.model_name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision,
+                                                  trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from {path!r}: {e}") from None
+    try:
+        markers = uses_minimind_markers(tokenizer)
+    except MaskingError as e:
+        raise UserError(e.message) from None
+    how = "MiniMind's marker search" if markers else "assistant spans from the chat template"
+    print(f"[minidpo] tokenizer {path}: {len(tokenizer)} tokens; assistant tokens found by {how}")
+    return tokenizer
+
+
+def load_pairs(script_args: ScriptArguments, tokenizer, training_args: MiniDPOConfig):
+    """Train and eval TRL records from whatever `dataset_name` points at; rejects are reported, never dropped."""
+    from minidpo import data
+
+    if not script_args.dataset_name:
+        raise UserError("set dataset_name: a MiniMind dpo.jsonl, a TRL jsonl, or a `minidpo convert` directory")
+    path = Path(script_args.dataset_name).expanduser()
+    if not path.exists():
+        raise UserError(f"dataset_name {str(path)!r} does not exist (minidpo reads local files only)")
+    fmt = data.detect_format(path)
+    train, rejects = data.load_trl_records(path, script_args.dataset_train_split, tokenizer)
+    evals, eval_rejects = data.load_trl_records(path, script_args.dataset_test_split, tokenizer)
+    rejects += eval_rejects
+    if not evals and script_args.eval_fraction > 0:
+        train, evals = data.split_records(train, script_args.eval_fraction, training_args.seed)
+    print(f"[minidpo] dataset {path}: {fmt} format; {len(train)} train / {len(evals)} eval pairs; "
+          f"{len(rejects)} rejected")
+    if rejects:
+        out = Path(training_args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:
+            for r in rejects:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        reasons = {}
+        for r in rejects:
+            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+        print(f"[minidpo] rejected lines by reason: {reasons}; details in {out / 'rejects.jsonl'}")
+    if not train:
+        raise UserError(f"no usable training pair in {path}")
+    return train, evals, rejects
+
+
+def load_model(model_args: ModelConfig, tokenizer, trust_remote_code: bool):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_args.model_name_or_path, revision=model_args.model_revision, dtype=dtype,
+            attn_implementation=model_args.attn_implementation, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a causal LM from {model_args.model_name_or_path!r}: {e}") from None
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows: "
+                        "they do not belong together (point model_name_or_path at a folder holding both)")
+    return model
+
+
+def main(script_args: ScriptArguments, training_args: MiniDPOConfig, model_args: ModelConfig) -> dict:
+    from datasets import Dataset
+    from trl import get_peft_config
+
+    from minidpo import reports, resilience
+    from minidpo.trainer import MiniDPOTrainer
+
+    if not model_args.model_name_or_path:
+        raise UserError("set model_name_or_path: a local Transformers folder (see `minidpo import-minimind`)")
+    tokenizer = load_tokenizer(model_args, training_args.trust_remote_code)
+    train, evals, rejects = load_pairs(script_args, tokenizer, training_args)
+    model = load_model(model_args, tokenizer, training_args.trust_remote_code)
+
+    trainer = MiniDPOTrainer(
+        model,
+        args=training_args,
+        train_dataset=Dataset.from_list(train),
+        eval_dataset=Dataset.from_list(evals) if evals else None,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=reports.callbacks(training_args) + resilience.callbacks(training_args),
+    )
+    trainer.train(resume_from_checkpoint=resilience.resolve_resume(training_args))
+    metrics = trainer.evaluate() if evals else {}
+
+    out = Path(training_args.output_dir)
+    trainer.save_model(str(out))
+    if script_args.merge_adapter and model_args.use_peft and trainer.accelerator.is_main_process:
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        merged.save_pretrained(out / "merged")
+        tokenizer.save_pretrained(out / "merged")
+    summary = reports.training_summary(trainer, metrics, n_rejected=len(rejects))
+    if trainer.accelerator.is_main_process:
+        reports.write_summary(out, summary)
+        reports.write_model_card(trainer, out, script_args, summary)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=str(script_args.dataset_name))
+    trainer.accelerator.wait_for_everyone()
+    return summary
+
+
+def parse(argv=None):
+    parser = TrlParser((ScriptArguments, MiniDPOConfig, ModelConfig))
+    return parser.parse_args_and_config(args=argv)
+
+
+def run(argv=None) -> int:
+    """Entry point of `minidpo train` and of this file: clear one-line errors instead of stack traces."""
+    try:
+        script_args, training_args, model_args = parse(argv)
+        main(script_args, training_args, model_args)
+    except UserError as e:
+        print(f"minidpo train: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        # Config mistakes (unknown keys, bad values, missing --config file) surface as these from TrlParser,
+        # TrainingArguments and MiniDPOConfig; their messages already say what to change.
+        print(f"minidpo train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())
