@@ -250,3 +250,21 @@ def test_clear_errors_for_unusable_tokenizers():
     assert e.value.code == "no_chat_template"
     with pytest.raises(MaskingError):
         encode_pair(CASES["single-turn"], build_tokenizer(), mask_mode="everything")
+
+
+def test_header_merging_with_answer_is_reported_and_matches_minimind():
+    """A vocabulary with a "\\n\\n" token swallows the header's newline when an answer starts with "\\n": MiniMind's
+    search then misses that turn. We score what MiniMind scores, and say so."""
+    tok = build_tokenizer()
+    tok.add_tokens(["\n\n"])
+    multi = trl(conv(("first", "\nstarts with a newline"), ("second", "plain")), "other")
+    assert_same_as_minimind(multi, tok, 256)
+    out, issues = diagnose_pair(multi, tok)
+    assert [i.code for i in issues] == ["unscored_assistant_turn", "unscored_assistant_turn"]
+    assert not any(i.fatal for i in issues)
+    assert scored_text(tok, out["chosen_input_ids"], out["chosen_loss_mask"]) == "plain<|im_end|>\n"
+
+    single = trl(conv(("q", "\nanswer")), "fine answer")
+    assert_same_as_minimind(single, tok, 256)
+    _, issues = diagnose_pair(single, tok)
+    assert {(i.code, i.fatal) for i in issues} == {("unscored_assistant_turn", False), ("no_scored_tokens", True)}
