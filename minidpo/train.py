@@ -16,6 +16,7 @@ if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.pa
     # Run as a file, Python puts minidpo/ itself on the path, where data.py or cli.py would shadow other modules.
     sys.path.pop(0)
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,12 +134,18 @@ def main(script_args: ScriptArguments, training_args: MiniDPOConfig, model_args:
         callbacks=reports.callbacks(training_args) + resilience.callbacks(training_args),
     )
     trainer.train(resume_from_checkpoint=resilience.resolve_resume(training_args))
+    if resilience.preempted(trainer):
+        # Stopped by SIGTERM: a checkpoint is saved and the resume command printed. The run is not finished,
+        # so no final evaluation, no model/summary in output_dir as if it were; exit 0.
+        return {"preempted": True, "global_step": trainer.state.global_step, "final_eval": {}}
     metrics = trainer.evaluate() if evals else {}
 
     out = Path(training_args.output_dir)
     trainer.save_model(str(out))
     if script_args.merge_adapter and model_args.use_peft and trainer.accelerator.is_main_process:
-        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        # merge_and_unload works in place (it strips the LoRA layers): merge a copy so the trained PEFT model,
+        # which push_to_hub saves again and callers may still use, keeps its adapter.
+        merged = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model)).merge_and_unload()
         merged.save_pretrained(out / "merged")
         tokenizer.save_pretrained(out / "merged")
     summary = reports.training_summary(trainer, metrics, n_rejected=len(rejects))
