@@ -40,10 +40,16 @@ def quickstart(output="quickstart-output", pairs=1000, eval_fraction=0.1, seed=0
     stats = data.convert_file(raw, out / "data", tokenizer=tokenizer, max_length=256,
                               eval_fraction=eval_fraction, seed=seed, progress=False)
     print(data.format_summary(stats))
+    from minidpo import reports
+
+    report = reports.report_data(out / "data", tokenizer, out / "report", max_length=256,
+                                 tokenizer_name=str(out / "base-model"))
+    print(reports.format_data_report(report, out / "report"))
 
     print(f"[3/4] training with {CONFIG.name}")
     argv = ["--config", str(CONFIG), "--model_name_or_path", str(out / "base-model"),
-            "--dataset_name", str(out / "data"), "--output_dir", str(out / "model"), *extra_args]
+            "--dataset_name", str(out / "data"), "--output_dir", str(out / "model"),
+            "--overwrite_output_dir", "true", *extra_args]  # everything under OUTPUT is regenerated
     summary = train.main(*train.parse(argv))
 
     print("[4/4] held-out evaluation")
@@ -58,6 +64,8 @@ def quickstart(output="quickstart-output", pairs=1000, eval_fraction=0.1, seed=0
             "model": str(out / "model"),
             "training_summary": str(out / "model" / "summary.json"),
             "model_card": str(out / "model" / "README.md"),
+            "data_report": str(out / "report" / "report.md"),
+            "training_plots": str(out / "model" / "plots"),
             "summary": str(out / "summary.json"),
         },
     }

@@ -39,6 +39,41 @@ class ScriptArguments(TrlScriptArguments):
     merge_adapter: bool = field(
         default=False, metadata={"help": "with use_peft: also save the adapter merged into the base model, in "
                                          "output_dir/merged"})
+    # Transformers 5 dropped TrainingArguments.overwrite_output_dir; minidpo keeps the guard and the switch.
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "train into an output_dir that already holds another run (its files are "
+                                         "overwritten); without it minidpo refuses, unless resume_from_checkpoint"})
+
+
+# Files that mean an output directory already holds a run (a finished model or a checkpoint of one).
+_RUN_MARKERS = ("summary.json", "trainer_state.json", "training_args.bin", "model.safetensors",
+                "adapter_model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+
+
+def check_output_dir(script_args: ScriptArguments, training_args: MiniDPOConfig) -> None:
+    """Refuse to train over another run, unless resuming it or told to overwrite it."""
+    out = Path(training_args.output_dir)
+    if not out.is_dir() or script_args.overwrite_output_dir:
+        return
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and str(resume).strip().lower() not in ("", "false", "none", "no", "0"):
+        return
+    found = [m for m in _RUN_MARKERS if (out / m).exists()] + sorted(p.name for p in out.glob("checkpoint-*"))[:3]
+    if found:
+        raise UserError(f"output_dir {str(out)!r} already holds a run ({', '.join(found)}): choose another "
+                        "output_dir, set resume_from_checkpoint: true to continue it, or overwrite_output_dir: true "
+                        "to replace it")
+
+
+def check_model_path(model_args: ModelConfig) -> None:
+    """A missing local folder is named as such (instead of Hugging Face's Hub lookup error)."""
+    name = model_args.model_name_or_path
+    if not name:
+        raise UserError("set model_name_or_path: a local Transformers folder (see `minidpo import-minimind`)")
+    path = Path(name).expanduser()
+    looks_like_hub_id = not name.startswith((".", "/", "~")) and name.count("/") <= 1
+    if not path.exists() and not looks_like_hub_id:
+        raise UserError(f"model_name_or_path {name!r} does not exist")
 
 
 def load_tokenizer(model_args: ModelConfig, trust_remote_code: bool):
@@ -51,11 +86,20 @@ def load_tokenizer(model_args: ModelConfig, trust_remote_code: bool):
         tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision,
                                                   trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a tokenizer from {path!r}: {e}") from None
+        where = "" if Path(path).expanduser().exists() else " (not a local folder, and the Hub lookup failed)"
+        raise UserError(f"cannot load a tokenizer from {path!r}{where}: {_first_line(e)}") from None
     try:
         markers = uses_minimind_markers(tokenizer)
     except MaskingError as e:
         raise UserError(e.message) from None
+    if tokenizer.pad_token is None:
+        # Padding is never scored and never attended to, so any id works: use eos, as TRL does.
+        if tokenizer.eos_token is None:
+            raise UserError(f"tokenizer {path!r} has neither a pad nor an eos token: set pad_token in its "
+                            "tokenizer_config.json")
+        tokenizer.pad_token = tokenizer.eos_token
+        print(f"[minidpo] tokenizer {path} has no pad token: padding with its eos token {tokenizer.eos_token!r} "
+              "(padding is masked out of attention and loss)")
     how = "MiniMind's marker search" if markers else "assistant spans from the chat template"
     print(f"[minidpo] tokenizer {path}: {len(tokenizer)} tokens; assistant tokens found by {how}")
     return tokenizer
@@ -93,6 +137,38 @@ def load_pairs(script_args: ScriptArguments, tokenizer, training_args: MiniDPOCo
     return train, evals, rejects
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [repr(e)])[0]
+
+
+def check_max_length(train: list, tokenizer, training_args: MiniDPOConfig, sample: int = 1000) -> None:
+    """Refuse when `max_length` leaves more than half the pairs with nothing to score (the trainer would drop
+    them), warn when it drops more than a tenth. Checked on an evenly spread sample of at most `sample` pairs."""
+    from minidpo.masking import encode_pair
+
+    max_length = training_args.max_length
+    if max_length is None or not train:
+        return
+    picked = train[:: max(1, len(train) // sample)][:sample]
+    empty = 0
+    for record in picked:
+        enc = encode_pair(record, tokenizer, max_length=max_length, mask_mode=training_args.mask_mode)
+        empty += not (any(enc["chosen_loss_mask"]) and any(enc["rejected_loss_mask"]))
+    share = empty / len(picked)
+    if share <= 0.1:
+        return
+    full = sorted(max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in
+                  (encode_pair(r, tokenizer, max_length=None, mask_mode=training_args.mask_mode) for r in picked))
+    p90 = full[min(len(full) - 1, int(0.9 * len(full)))]
+    suggestion = -(-p90 // 64) * 64  # the 90th percentile of full pair lengths, rounded up to a multiple of 64
+    what = (f"max_length={max_length} leaves nothing to score in {empty} of {len(picked)} pairs checked "
+            f"({share:.0%}: the prompt fills the window)")
+    if share > 0.5:
+        raise UserError(f"{what}; set max_length to at least {suggestion} (90% of pairs fit), or check the data "
+                        "with `minidpo report-data`")
+    print(f"[minidpo] WARNING: {what}; the trainer drops those pairs. max_length {suggestion} fits 90% of pairs.")
+
+
 def load_model(model_args: ModelConfig, tokenizer, trust_remote_code: bool):
     import torch
     from transformers import AutoModelForCausalLM
@@ -103,7 +179,7 @@ def load_model(model_args: ModelConfig, tokenizer, trust_remote_code: bool):
             model_args.model_name_or_path, revision=model_args.model_revision, dtype=dtype,
             attn_implementation=model_args.attn_implementation, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a causal LM from {model_args.model_name_or_path!r}: {e}") from None
+        raise UserError(f"cannot load a causal LM from {model_args.model_name_or_path!r}: {_first_line(e)}") from None
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows: "
@@ -118,10 +194,11 @@ def main(script_args: ScriptArguments, training_args: MiniDPOConfig, model_args:
     from minidpo import reports, resilience
     from minidpo.trainer import MiniDPOTrainer
 
-    if not model_args.model_name_or_path:
-        raise UserError("set model_name_or_path: a local Transformers folder (see `minidpo import-minimind`)")
+    check_model_path(model_args)
+    check_output_dir(script_args, training_args)
     tokenizer = load_tokenizer(model_args, training_args.trust_remote_code)
     train, evals, rejects = load_pairs(script_args, tokenizer, training_args)
+    check_max_length(train, tokenizer, training_args)
     model = load_model(model_args, tokenizer, training_args.trust_remote_code)
 
     trainer = MiniDPOTrainer(
