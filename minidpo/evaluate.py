@@ -205,8 +205,10 @@ def generate(model, tokenizer, prompt: list[dict], max_new_tokens: int = 64) -> 
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     new = out[0, ids["input_ids"].shape[1]:]
     text = tokenizer.decode(new, skip_special_tokens=True).strip()
-    # An answer of special tokens only (an untrained model's end-of-turn, say) would print as nothing at all.
-    return text or tokenizer.decode(new, skip_special_tokens=False).strip()
+    # An answer of whitespace or special tokens only (an untrained model's newlines, say) would print as nothing
+    # at all: show it quoted, escapes visible.
+    raw = tokenizer.decode(new, skip_special_tokens=False)
+    return text or (repr(raw) if raw else "")
 
 
 def side_by_side(policy, ref, tokenizer, records, n: int, max_new_tokens: int = 64, seed: int = 0) -> list[dict]:
