@@ -230,7 +230,10 @@ def main(script_args: ScriptArguments, training_args: MiniDPOConfig, model_args:
         reports.write_summary(out, summary)
         reports.write_model_card(trainer, out, script_args, summary)
     if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=str(script_args.dataset_name))
+        # Trainer.push_to_hub rewrites README.md with TRL's card alone (and would put the local dataset path in
+        # its `datasets:` metadata); push the card written above, TRL's plus minidpo's data/config/metrics.
+        trainer.create_model_card = lambda *args, **kwargs: None
+        trainer.push_to_hub()
     trainer.accelerator.wait_for_everyone()
     return summary
 
