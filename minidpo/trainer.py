@@ -7,16 +7,28 @@ What changes against stock TRL, and nothing else:
     the policy and the reference alike, so the loss and every logged reward, margin, accuracy and log-prob use
     MiniMind's length-averaged log-ratios. TRL's fused, chunked LM head still computes the per-token log-probs
     (no full-vocabulary logits); we only divide its output rows by their scored-token counts.
+
+Speed, each keeping the loss (tests/test_trainer.py, tests/test_bench.py; scripts/bench.py measures them):
+  - `share_prompt=True`: chosen and rejected share their prompt, so each pair runs as one row, prompt once, with an
+    attention mask that hides the chosen answer from the rejected one (see `_shared_prompt_forward`);
+  - `precompute_ref_log_probs=True`: reference log-probs computed once over length-sorted batches and cached on disk
+    under `ref_cache_dir`, keyed by the weights and the encoded pairs, so later runs (sweeps) skip them;
+  - `train_sampling_strategy="group_by_length"`: batches of pairs of similar length, less padding;
+  - bf16 autocast also on CPU (`bf16=True` sets `use_cpu`), no activation checkpointing by default.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from accelerate.utils import is_peft_model
 from datasets.fingerprint import Hasher
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.utils import logging
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import pad
@@ -49,6 +61,16 @@ class MiniDPOConfig(DPOConfig):
         default="minimind",
         metadata={"help": "Which tokens are scored: 'minimind' (every assistant turn, MiniMind's marker search) or "
                           "'last-turn' (only the final answer, TRL's semantics).", "choices": list(MASK_MODES)},
+    )
+    share_prompt: bool = field(
+        default=True,
+        metadata={"help": "Run each pair as one sequence holding the shared prompt once, chosen answer then rejected "
+                          "answer, the rejected answer masked from the chosen one. Same loss, fewer tokens."},
+    )
+    ref_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "With precompute_ref_log_probs: where reference log-probs are cached across runs, keyed by "
+                          "the reference weights and the encoded pairs. Default $MINIDPO_CACHE or ~/.cache/minidpo."},
     )
     # TRL turns checkpointing on by default (under its deprecated name). MiniMind's models are 26M-104M
     # parameters: their activations are cheap to keep and slow to recompute, so it is off unless asked for.
@@ -98,23 +120,94 @@ class PairCollator:
         return batch
 
 
-def average_over_scored_tokens(model) -> None:
-    """Make the fused LM head return per-token log-probs divided by the sequence's scored-token count.
+PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
-    TRL sums `log_probs` over the sequence, so the sum becomes the mean MiniMind uses. Rows are found from the
-    labels TRL passes (-100 = not scored), which are exactly our loss masks.
+
+def install_pair_forward(model, length_normalize: bool = True, share_prompt: bool = False) -> None:
+    """Wrap the fused LM head (`model(..., labels=, fused_lm_head=True)`) for pair batches `[chosen; rejected]`.
+
+    `share_prompt`: the pair runs as one packed row with its shared prompt once (`_shared_prompt_forward`); the
+    per-token outputs come back in the `[chosen; rejected]` layout TRL reads, equal up to float rounding.
+    `length_normalize`: per-token log-probs are divided by the sequence's scored-token count, so TRL's sum over the
+    sequence becomes the mean MiniMind uses. Rows are found from the labels TRL passes (-100 = not scored), which
+    are exactly our loss masks.
     """
     fused_forward = model.forward
 
     @functools.wraps(fused_forward)
     def forward(*args, fused_lm_head=False, labels=None, shift_labels=None, **kwargs):
-        out = fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels, **kwargs)
-        if fused_lm_head:
+        if fused_lm_head and share_prompt and shift_labels is None and not args and _can_share(kwargs):
+            out = _shared_prompt_forward(fused_forward, labels=labels, **kwargs)
+        else:
+            out = fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                                **kwargs)
+        if fused_lm_head and length_normalize:
             scored = (shift_labels if shift_labels is not None else labels[:, 1:]) != -100
             out.log_probs = out.log_probs / scored.sum(dim=-1, keepdim=True).clamp(min=1)
         return out
 
     model.forward = forward
+
+
+def average_over_scored_tokens(model) -> None:
+    """`install_pair_forward` with length averaging only."""
+    install_pair_forward(model, length_normalize=True, share_prompt=False)
+
+
+def _can_share(kwargs) -> bool:
+    ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+    return (ids is not None and mask is not None and mask.dim() == 2 and ids.size(0) % 2 == 0
+            and "position_ids" not in kwargs and "inputs_embeds" not in kwargs)
+
+
+def _shared_prompt_forward(fused_forward, input_ids, attention_mask, labels, **kwargs):
+    """One row per pair: `chosen + [last shared token] + rejected tail`, prompt computed once.
+
+    With p the length of the common prefix of chosen c and rejected r, the row is c[:Lc] followed by r[p-1:Lr]. The
+    copy of r[p-1] (the shared prompt's last token) re-predicts r's first own token. Positions restart at p-1 for
+    the rejected part, which attends to c[:p-1] and to itself, never to the chosen tail nor the first copy of r[p-1]:
+    every token sees exactly what it sees in its own sequence. Right padding (PairCollator, TRL) is assumed.
+    """
+    n = input_ids.size(0) // 2
+    lengths = attention_mask.sum(dim=1).tolist()
+    same = (input_ids[:n] == input_ids[n:]) & attention_mask[:n].bool() & attention_mask[n:].bool()
+    prefix = same.int().cumprod(dim=1).sum(dim=1).tolist()
+    right_padded = attention_mask.cumprod(dim=1).sum(dim=1).tolist() == lengths
+    if min(prefix) < 1 or not right_padded:
+        return fused_forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True,
+                             **kwargs)
+    dev = input_ids.device
+    rows = [(lengths[i], lengths[n + i], prefix[i]) for i in range(n)]
+    width = max(lc + lr - p + 1 for lc, lr, p in rows)
+    ids = input_ids.new_zeros(n, width)
+    pos = torch.zeros(n, width, dtype=torch.long, device=dev)
+    lab = torch.full((n, width), -100, dtype=labels.dtype, device=dev)
+    allowed = torch.zeros(n, 1, width, width, dtype=torch.bool, device=dev)
+    # index of the packed hidden state that predicts each label of the [chosen; rejected] layout
+    src = torch.zeros(2 * n, input_ids.size(1) - 1, dtype=torch.long, device=dev)
+    causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
+    for i, (lc, lr, p) in enumerate(rows):
+        end = lc + lr - p + 1
+        ids[i, :lc], ids[i, lc:end] = input_ids[i, :lc], input_ids[n + i, p - 1:lr]
+        pos[i, :lc], pos[i, lc:end] = torch.arange(lc, device=dev), torch.arange(p - 1, lr, device=dev)
+        lab[i, :lc], lab[i, lc + 1:end] = labels[i, :lc], labels[n + i, p:lr]
+        allowed[i, 0, :end, :end] = causal[:end, :end]
+        allowed[i, 0, lc:end, p - 1:lc] = False  # the rejected part does not see the chosen tail
+        t = torch.arange(input_ids.size(1) - 1, device=dev)
+        src[i] = t.clamp(max=width - 2)
+        src[n + i] = torch.where(t < p - 1, t, lc + t - p + 1).clamp(max=width - 2)
+    allowed |= torch.diag_embed(~allowed.any(dim=-1))  # padding attends to itself (all-masked rows give NaN)
+    out = fused_forward(input_ids=ids, attention_mask=allowed, position_ids=pos, labels=lab, fused_lm_head=True,
+                        **kwargs)
+    scored = labels[:, 1:] != -100
+    packed_row = torch.arange(2 * n, device=dev) % n
+    for name in PER_TOKEN_FIELDS:
+        value = getattr(out, name, None)
+        if value is not None:
+            setattr(out, name, value[packed_row[:, None], src].masked_fill(~scored, 0))
+    if getattr(out, "loss", None) is not None:
+        out.loss = -out.log_probs.sum() / scored.sum().clamp(min=1)
+    return out
 
 
 def _count_each_sequence_once(completion_mask: torch.Tensor) -> torch.Tensor:
@@ -155,24 +248,74 @@ class MiniDPOTrainer(DPOTrainer):
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
-        if args.length_normalize:
-            # After TRL added its fused LM head (and before any precompute ran, see _precompute_ref_logps).
-            self._install_length_average()
+        # After TRL added its fused LM head (and before any precompute ran, see _precompute_ref_logps).
+        self._install_pair_forward()
 
-    def _install_length_average(self):
-        if getattr(self, "_length_average_installed", False):
+    def _install_pair_forward(self):
+        if getattr(self, "_pair_forward_installed", False) or not (self.args.length_normalize or self.args.share_prompt):
             return
-        policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        average_over_scored_tokens(policy)
+        wrap = functools.partial(install_pair_forward, length_normalize=self.args.length_normalize,
+                                 share_prompt=self.args.share_prompt)
+        wrap(self.model.get_base_model() if is_peft_model(self.model) else self.model)
         if self.ref_model is not None:
-            average_over_scored_tokens(self.accelerator.unwrap_model(self.ref_model))
-        self._length_average_installed = True
+            wrap(self.accelerator.unwrap_model(self.ref_model))
+        self._pair_forward_installed = True
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
+        """Reference log-probs once, over length-sorted batches, cached on disk across runs.
+
+        TRL's own cache lives beside the dataset's cache files, keyed by its fingerprint: in-memory datasets (the
+        usual case, `Dataset.from_list`) get a random fingerprint and a temporary folder, so every run recomputes.
+        Ours is keyed by content: the reference weights (TRL's hash), the encoded ids and masks (so tokenizer,
+        data, max_length and mask_mode), length_normalize and the autocast dtype.
+        """
         # TRL precomputes inside its own __init__, before ours can patch the forward: patch first.
-        if self.args.length_normalize:
-            self._install_length_average()
-        return super()._precompute_ref_logps(dataset, name, batch_size)
+        self._install_pair_forward()
+        if self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        args = self.args
+        key = Hasher.hash((self._precompute_model_hash, _content_hash(dataset), args.max_length, args.mask_mode,
+                           args.length_normalize, args.bf16, args.fp16, "minidpo.ref-logps/1"))
+        cache_dir = Path(args.ref_cache_dir or os.environ.get("MINIDPO_CACHE") or Path.home() / ".cache" / "minidpo")
+        path = cache_dir / "ref-logps" / f"{key}.pt"
+        if path.exists():
+            logps = torch.load(path)
+            logger.info(f"{name}: reference log-probs read from {path}")
+        else:
+            logps = self._compute_ref_logps_sorted(dataset, batch_size)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            torch.save(logps, tmp)
+            os.replace(tmp, path)
+        for column in ("ref_chosen_logps", "ref_rejected_logps"):
+            if column in dataset.column_names:
+                dataset = dataset.remove_columns(column)
+        return (dataset.add_column("ref_chosen_logps", logps[:, 0].tolist())
+                .add_column("ref_rejected_logps", logps[:, 1].tolist()))
+
+    @torch.no_grad()
+    def _compute_ref_logps_sorted(self, dataset, batch_size) -> torch.Tensor:
+        """[len(dataset), 2] reference log-probs (chosen, rejected), batches of similar length to cut padding."""
+        model = self.ref_model or self.model
+        lengths = _pair_lengths(dataset)
+        order = sorted(range(len(dataset)), key=lengths.__getitem__, reverse=True)
+        logps = torch.empty(len(dataset), 2)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = self.data_collator([dataset[i] for i in idx])
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            chosen, rejected = self.compute_ref_log_probs(model, batch)
+            logps[idx] = torch.stack([chosen, rejected], dim=1).float().cpu()
+        return logps
+
+    def _get_train_sampler(self, train_dataset=None):
+        # Transformers' group_by_length looks for an `input_ids` column; a pair's cost is its two sequences.
+        train_dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if (self.args.train_sampling_strategy == "group_by_length" and train_dataset is not None
+                and self.args.length_column_name not in (train_dataset.column_names or [])):
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=_pair_lengths(train_dataset))
+        return super()._get_train_sampler(train_dataset)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if set(PAIR_COLUMNS) <= set(dataset.column_names or []):
@@ -216,6 +359,24 @@ class MiniDPOTrainer(DPOTrainer):
         if self.args.length_normalize and _TRL_LENGTH_AVERAGED & set(self.loss_types):
             inputs = {**inputs, "completion_mask": _count_each_sequence_once(inputs["completion_mask"])}
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def _pair_lengths(dataset) -> list[int]:
+    table = dataset.select_columns(["chosen_input_ids", "rejected_input_ids"]).with_format("arrow")[:]
+    return [c + r for c, r in zip(*(table.column(k).combine_chunks().value_lengths().to_pylist()
+                                    for k in ("chosen_input_ids", "rejected_input_ids")))]
+
+
+def _content_hash(dataset) -> str:
+    """sha256 of the encoded pairs, in order (ids and masks)."""
+    h = hashlib.sha256()
+    table = dataset.select_columns(list(PAIR_COLUMNS)).with_format("arrow")[:]
+    for name in PAIR_COLUMNS:
+        column = table.column(name).combine_chunks()
+        h.update(name.encode())
+        h.update(column.value_lengths().to_numpy(zero_copy_only=False).tobytes())
+        h.update(column.flatten().to_numpy(zero_copy_only=False).tobytes())
+    return h.hexdigest()
 
 
 def _encode_example(example, tokenizer, max_length, mask_mode):

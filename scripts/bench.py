@@ -1,0 +1,368 @@
+"""DPO training throughput, side by side: minidpo, stock TRL (default and tuned) and a MiniMind-style loop.
+
+    python scripts/bench.py --shape minimind2-small --steps 8 [--batch-size 4] [--max-length 1024] [--json out.json]
+
+Every row trains the same random-init Llama (LlamaConfig, seed 0) from the same start on the same pairs
+(`--steps` x `--batch-size` single-turn MiniMind-like records, ~410 tokens a sequence at max length 1024) with the
+same objective: DPO sigmoid loss, beta 0.1, on length-averaged log-ratios (MiniMind's DPO), AdamW at a constant
+learning rate, gradient clipping 1.0, one pass. The records are single-turn, so TRL's `sigmoid_norm` (which divides
+the summed log-ratios by the completion length) is exactly that objective and scores exactly the tokens MiniMind's
+masks score (answer plus `<|im_end|>\\n`); on multi-turn data it would not.
+
+Rows, each run in its own subprocess so their peak memory does not mix:
+  minidpo        MiniDPOTrainer at its best settings (see ROWS below)
+  trl-default    stock `trl.DPOTrainer`, its defaults (gradient checkpointing on, reference forward each step), fp32
+  trl-tuned      the same with bf16 autocast (`use_cpu=True` on CPU) and `precompute_ref_log_probs=True`
+  minimind-loop  a loop written from MiniMind's train_dpo.py walkthrough: every sequence padded to max_length, full
+                 logits + log_softmax + gather, a reference forward each step, fp32, torch AdamW
+
+Columns:
+  real tok/s   non-pad tokens of chosen + rejected trained on, per second of wall time from building the trainer to
+               the end of the last step (tokenization and any reference precompute included)
+  peak MB      peak RSS of the row's process (CPU) or torch.cuda.max_memory_allocated (GPU)
+  MFU          model FLOPs / time / matmul peak of the row's compute dtype (fp32 or bf16), the peaks measured in
+               this run; model FLOPs = 8 * params * real tokens (6 for the policy forward + backward, 2 for the
+               reference forward), attention score FLOPs and padding not counted
+  final loss   the same fp32 loss function (full logits, length-averaged, beta 0.1) evaluated after training on all
+               trained pairs, trained policy against the initial model; outside the timed region
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHARED_TOKENIZER = Path(os.environ.get("MINIDPO_SHARED", REPO.parent / "shared")) / "tokenizers" / "minimind2"
+SHAPES = {  # hidden, layers, heads, kv heads, intermediate; vocab from the tokenizer, embeddings tied
+    "tiny": (64, 2, 4, 2, 176),
+    "minimind2-small": (512, 8, 8, 2, 1408),
+    "minimind2": (768, 16, 8, 2, 2048),
+}
+ROWS = ("minidpo", "trl-default", "trl-tuned", "minimind-loop")
+BETA, LR, SEED = 0.1, 1e-4, 0
+
+WORDS = ("the model answer data train loss token policy reference reward preference chosen rejected "
+         "learning rate batch gradient step retreat team market growth plan customer service quality "
+         "because therefore however first second finally example result value python code function").split()
+HANZI = "我们的模型训练数据偏好回答问题这个方法可以需要使用进行学习优化结果分析系统用户助手内容"
+
+
+# ------------------------------------------------------------------------------------------------ data and model
+
+def load_tokenizer():
+    from transformers import AutoTokenizer
+
+    if (SHARED_TOKENIZER / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(str(SHARED_TOKENIZER))
+    from minidpo.embedded import build_tokenizer
+
+    return build_tokenizer()
+
+
+def _text(rng: random.Random, tokenizer, n_tokens: int) -> str:
+    parts, text = [], ""
+    while len(tokenizer(text, add_special_tokens=False).input_ids) < n_tokens:
+        for _ in range(8):
+            parts.append("".join(rng.choices(HANZI, k=rng.randint(2, 4))) if rng.random() < 0.3 else rng.choice(WORDS))
+            if rng.random() < 0.06:
+                parts.append(".\n" if rng.random() < 0.3 else ",")
+        text = " ".join(parts)
+    return text
+
+
+def make_records(tokenizer, n: int, max_length: int) -> list[dict]:
+    """Single-turn MiniMind dpo.jsonl-like records: at max length 1024 a ~120-token prompt and ~250-token answers
+    (~410 tokens a sequence with the chat template), lengths spread so batches carry padding. Scaled with
+    max_length so every pair fits untruncated."""
+    rng = random.Random(SEED)
+    s = max_length / 1024
+    records = []
+    for _ in range(n):
+        prompt = _text(rng, tokenizer, max(4, int(rng.uniform(30, 210) * s)))
+        answers = [_text(rng, tokenizer, max(4, int(rng.uniform(95, 405) * s))) for _ in range(2)]
+        user = [{"role": "user", "content": prompt}]
+        records.append({"chosen": user + [{"role": "assistant", "content": answers[0]}],
+                        "rejected": user + [{"role": "assistant", "content": answers[1]}]})
+    return records
+
+
+def to_trl(record: dict) -> dict:
+    return {"prompt": record["chosen"][:-1], "chosen": record["chosen"][-1:], "rejected": record["rejected"][-1:]}
+
+
+def build_model(tokenizer, shape: str):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, heads, kv, inter = SHAPES[shape]
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=32768, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, dtype="float32", attn_implementation="sdpa")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        return LlamaForCausalLM(config).float()
+
+
+def encode_all(records, tokenizer, max_length):
+    from minidpo.masking import encode_pair
+
+    return [encode_pair(to_trl(r), tokenizer, max_length=max_length, mask_mode="last-turn") for r in records]
+
+
+# ------------------------------------------------------------------------------------------------ the loss, in fp32
+
+def mean_logps(model, encoded, device, batch=8):
+    """The seed's logits_to_log_probs + masked mean over every chosen then rejected sequence (full logits, fp32)."""
+    import torch
+
+    seqs = [(e[f"{s}_input_ids"], e[f"{s}_loss_mask"]) for s in ("chosen", "rejected") for e in encoded]
+    out = []
+    for i in range(0, len(seqs), batch):
+        chunk = seqs[i:i + batch]
+        width = max(len(ids) for ids, _ in chunk)
+        x = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in chunk], device=device)
+        attn = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in chunk], device=device)
+        m = torch.tensor([mask[1:] + [0] * (width - len(mask)) for _, mask in chunk], device=device).float()
+        logits = model(input_ids=x, attention_mask=attn).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, dim=-1).gather(2, x[:, 1:, None])[..., 0]
+        out.append((logp * m).sum(1) / m.sum(1).clamp_min(1e-8))
+    return torch.cat(out).view(2, -1)  # [chosen, rejected] x pairs
+
+
+def final_loss(policy, ref, encoded, device) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    policy.eval()
+    with torch.no_grad():
+        (pc, pr), (rc, rr) = mean_logps(policy, encoded, device), mean_logps(ref, encoded, device)
+        return (-F.logsigmoid(BETA * ((pc - rc) - (pr - rr)))).mean().item()
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+def _trl_args(cls, out, args, **kw):
+    return cls(output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+               learning_rate=LR, lr_scheduler_type="constant", beta=BETA, max_length=args.max_length,
+               report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True, seed=SEED,
+               use_cpu=args.device == "cpu", dataloader_num_workers=0, **kw)
+
+
+def run_trainer(name, args, tokenizer, records, policy, out):
+    from datasets import Dataset
+
+    if name == "minidpo":
+        from minidpo.trainer import MiniDPOConfig, MiniDPOTrainer
+
+        best = dict(loss_type=["sigmoid"], length_normalize=True, mask_mode="minimind", bf16=True,
+                    precompute_ref_log_probs=True, ref_cache_dir=str(Path(out) / "ref-cache"),  # cold: timed
+                    train_sampling_strategy="group_by_length", share_prompt=True)
+        for item in args.set or []:  # --set key=value: one lever off (or on) at a time
+            key, value = item.split("=", 1)
+            best[key] = json.loads(value) if value[:1] in "0123456789-[{tfn\"" else value
+        config = _trl_args(MiniDPOConfig, out, args, **best)
+        trainer_cls = MiniDPOTrainer
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        tuned = dict(bf16=True, precompute_ref_log_probs=True) if name == "trl-tuned" else dict(bf16=False)
+        config = _trl_args(DPOConfig, out, args, loss_type=["sigmoid_norm"],
+                           train_sampling_strategy="sequential", **tuned)
+        trainer_cls = DPOTrainer
+    # A random-init policy has no path TRL could load the reference from: without a precompute, pass a copy.
+    ref = None if config.precompute_ref_log_probs else copy.deepcopy(policy)
+    trainer = trainer_cls(policy, ref_model=ref, args=config,
+                          train_dataset=Dataset.from_list([to_trl(r) for r in records]), processing_class=tokenizer)
+    trainer.train()
+    return trainer.model
+
+
+def run_minimind_loop(args, tokenizer, encoded, policy, device):
+    """MiniMind's train_dpo.py as the walkthrough describes it."""
+    import torch
+    import torch.nn.functional as F
+
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def padded(ids, fill):  # padding='max_length', then the shift
+        return torch.tensor(ids + [fill] * (args.max_length - len(ids)))
+
+    data = []
+    for e in encoded:
+        item = {}
+        for s in ("chosen", "rejected"):
+            ids, mask = padded(e[f"{s}_input_ids"], pad), padded(e[f"{s}_loss_mask"], 0)
+            item.update({f"x_{s}": ids[:-1], f"y_{s}": ids[1:], f"mask_{s}": mask[1:]})
+        data.append(item)
+
+    def logits_to_log_probs(logits, labels):
+        return torch.gather(F.log_softmax(logits, dim=2), dim=2, index=labels.unsqueeze(2)).squeeze(-1)
+
+    def dpo_loss(ref_log_probs, policy_log_probs, mask, beta):
+        seq_lengths = mask.sum(dim=1, keepdim=True).clamp_min(1e-8)
+        ref_log_probs = (ref_log_probs * mask).sum(dim=1) / seq_lengths.squeeze()
+        policy_log_probs = (policy_log_probs * mask).sum(dim=1) / seq_lengths.squeeze()
+        n = ref_log_probs.shape[0] // 2
+        logits = (policy_log_probs[:n] - policy_log_probs[n:]) - (ref_log_probs[:n] - ref_log_probs[n:])
+        return -F.logsigmoid(beta * logits).mean()
+
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=LR, weight_decay=0.0)
+    policy.train()
+    for step in range(args.steps):
+        batch = data[step * args.batch_size:(step + 1) * args.batch_size]
+        cat = lambda k: torch.cat([torch.stack([b[f"{k}_chosen"] for b in batch]),  # noqa: E731
+                                   torch.stack([b[f"{k}_rejected"] for b in batch])]).to(device)
+        x, y, mask = cat("x"), cat("y"), cat("mask")
+        with torch.no_grad():
+            ref_log_probs = logits_to_log_probs(ref(x).logits, y)
+        policy_log_probs = logits_to_log_probs(policy(x).logits, y)
+        loss = dpo_loss(ref_log_probs, policy_log_probs, mask, BETA)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return policy
+
+
+def run_row(name, args) -> dict:
+    import torch
+
+    torch.manual_seed(SEED)
+    device = args.device
+    tokenizer = load_tokenizer()
+    records = make_records(tokenizer, args.steps * args.batch_size, args.max_length)
+    encoded = encode_all(records, tokenizer, args.max_length)
+    real_tokens = sum(len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in encoded)
+    policy = build_model(tokenizer, args.shape).to(device)
+    n_params = sum(p.numel() for p in policy.parameters())
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as out:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        if name == "minimind-loop":
+            policy = run_minimind_loop(args, tokenizer, encoded, policy, device)
+        else:
+            policy = run_trainer(name, args, tokenizer, records, policy, out)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    if device.startswith("cuda"):
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    policy = policy.float().to(device)
+    ref = build_model(tokenizer, args.shape).to(device).eval()
+    return {"name": name, "seconds": seconds, "cpu_seconds": cpu_seconds, "real_tokens": real_tokens, "n_params": n_params,
+            "real_tokens_per_s": real_tokens / seconds, "peak_mem_mb": peak_mb,
+            "dtype": "fp32" if name in ("trl-default", "minimind-loop") else "bf16",
+            "final_loss": final_loss(policy, ref, encoded, device)}
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+def matmul_peak(device: str, dtype_name: str, n: int = 2048, reps: int = 5) -> float:
+    """Best-of-3 GFLOP/s of an n x n matmul."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = 0.0
+    for _ in range(4):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=list(SHAPES), default="minimind2-small")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    p.add_argument("--json", help="write the rows to this file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a MiniDPOConfig field of the minidpo row (JSON values), to measure one lever")
+    p.add_argument("--_row", help=argparse.SUPPRESS)
+    p.add_argument("--_out", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args._row:  # child: one row, its result as JSON
+        result = run_row(args._row, args)
+        Path(args._out).write_text(json.dumps(result))
+        return
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = set(rows) - set(ROWS)
+    if unknown:
+        sys.exit(f"unknown rows {sorted(unknown)}; choose from {ROWS}")
+    n = 1024 if args.shape == "tiny" else 2048
+    peaks = {d: matmul_peak(args.device, d, n) for d in ("float32", "bfloat16")}
+    print(f"[bench] {args.shape}, {args.steps} steps x {args.batch_size} pairs, max_length {args.max_length}, "
+          f"device {args.device}; matmul peak fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} "
+          f"GFLOP/s; load {os.getloadavg()[0]:.2f}", flush=True)
+    results = []
+    for name in rows:
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            cmd = [sys.executable, __file__, "--_row", name, "--_out", f.name, "--shape", args.shape,
+                   "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                   "--max-length", str(args.max_length), "--device", args.device]
+            cmd += [f"--set={item}" for item in args.set or []]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            if proc.returncode:
+                sys.exit(f"row {name} failed:\n{proc.stdout[-3000:]}{proc.stderr[-5000:]}")
+            r = json.loads(Path(f.name).read_text())
+        peak = peaks["float32" if r["dtype"] == "fp32" else "bfloat16"] * 1e9
+        r["mfu"] = 8 * r["n_params"] * r["real_tokens"] / r["seconds"] / peak
+        r["load"] = os.getloadavg()[0]
+        results.append(r)
+        print(f"[bench] {name}: {r['real_tokens_per_s']:.0f} real tok/s, {r['peak_mem_mb']:.0f} MB, "
+              f"loss {r['final_loss']:.5f} ({r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} s CPU, load {r['load']:.2f})",
+              flush=True)
+    base = {r["name"]: r["real_tokens_per_s"] for r in results}
+    print(f"\n| row | real tok/s | peak MB | MFU | final loss | minidpo speedup |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in results:
+        speedup = f"{base['minidpo'] / r['real_tokens_per_s']:.2f}x" if "minidpo" in base else "-"
+        print(f"| {r['name']} ({r['dtype']}) | {r['real_tokens_per_s']:.0f} | {r['peak_mem_mb']:.0f} | "
+              f"{100 * r['mfu']:.1f}% | {r['final_loss']:.5f} | {speedup} |")
+    if args.json:
+        keys = ("name", "real_tokens_per_s", "peak_mem_mb", "mfu", "final_loss")
+        Path(args.json).write_text(json.dumps([{k: r[k] for k in keys} for r in results], indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""scripts/bench.py runs end to end, and the speed levers of MiniDPOTrainer keep the loss."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+
+from minidpo.embedded import build_tiny_model, build_tokenizer, make_preference_records
+from minidpo.trainer import MiniDPOConfig, MiniDPOTrainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_smoke(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--shape", "tiny", "--steps", "2",
+                           "--max-length", "128", "--device", "cpu", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = json.loads(out.read_text())
+    assert [r["name"] for r in rows] == ["minidpo", "trl-default", "trl-tuned", "minimind-loop"]
+    for r in rows:
+        assert set(r) == {"name", "real_tokens_per_s", "peak_mem_mb", "mfu", "final_loss"}
+        assert r["real_tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 and 0 < r["mfu"] < 1
+        assert abs(r["final_loss"] - rows[0]["final_loss"]) < 2e-3, rows  # one objective, two steps from log 2
+    assert "| minidpo (bf16) |" in proc.stdout
+
+
+def _trl(record):
+    return {"prompt": record["chosen"][:-1], "chosen": record["chosen"][-1:], "rejected": record["rejected"][-1:]}
+
+
+def _loss_and_grads(tmp_path, data, **kw):
+    tok = build_tokenizer()
+    policy = build_tiny_model(tok, seed=0)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    args = MiniDPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=len(data), beta=5.0,
+                         report_to="none", max_length=512, **kw)
+    trainer = MiniDPOTrainer(policy, ref_model=None if args.precompute_ref_log_probs else build_tiny_model(tok),
+                             args=args, train_dataset=Dataset.from_list(data), processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(data))])
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in trainer.model.named_parameters()}, trainer
+
+
+def test_shared_prompt_matches_two_sequences(tmp_path):
+    data = [_trl(r) for r in make_preference_records(8, seed=5, multi_turn_fraction=0.5)]
+    loss, grads, _ = _loss_and_grads(tmp_path, data, share_prompt=True)
+    ref_loss, ref_grads, _ = _loss_and_grads(tmp_path, data, share_prompt=False)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=name)
+
+
+def test_reference_cache_is_reused_across_runs(tmp_path, monkeypatch):
+    data = [_trl(r) for r in make_preference_records(6, seed=7)]
+    cache = tmp_path / "cache"
+    kw = dict(precompute_ref_log_probs=True, ref_cache_dir=str(cache), precompute_ref_batch_size=4)
+    tok = build_tokenizer()
+
+    def trainer():
+        args = MiniDPOConfig(output_dir=str(tmp_path / "out"), report_to="none", max_length=512, **kw)
+        return MiniDPOTrainer(build_tiny_model(tok, seed=0), args=args, train_dataset=Dataset.from_list(data),
+                              processing_class=tok)
+
+    first = trainer()
+    files = list((cache / "ref-logps").glob("*.pt"))
+    assert len(files) == 1
+    computed, compute = [], MiniDPOTrainer._compute_ref_logps_sorted
+    monkeypatch.setattr(MiniDPOTrainer, "_compute_ref_logps_sorted",
+                        lambda *a: computed.append(1) or compute(*a))
+    second = trainer()  # a new run, new in-memory dataset: read from disk
+    assert not computed
+    assert first.train_dataset["ref_chosen_logps"] == second.train_dataset["ref_chosen_logps"]
+    # length-sorted precompute equals the in-loop reference forward of the same batch
+    model = first.model
+    batch = first.data_collator([first.train_dataset[i] for i in range(len(data))])
+    chosen, rejected = first.compute_ref_log_probs(model, batch)
+    torch.testing.assert_close(chosen, batch["ref_chosen_logps"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rejected, batch["ref_rejected_logps"], rtol=1e-5, atol=1e-6)
+    # another max_length is another key
+    args = MiniDPOConfig(output_dir=str(tmp_path / "out"), report_to="none", max_length=256, **kw)
+    MiniDPOTrainer(build_tiny_model(tok, seed=0), args=args, train_dataset=Dataset.from_list(data),
+                   processing_class=tok)
+    assert len(computed) == 1
+
+
+def test_group_by_length_sampler(tmp_path):
+    data = [_trl(r) for r in make_preference_records(40, seed=9, multi_turn_fraction=0.5)]
+    tok = build_tokenizer()
+    args = MiniDPOConfig(output_dir=str(tmp_path), report_to="none", per_device_train_batch_size=4,
+                         train_sampling_strategy="group_by_length")
+    trainer = MiniDPOTrainer(build_tiny_model(tok), ref_model=build_tiny_model(tok), args=args,
+                             train_dataset=Dataset.from_list(data), processing_class=tok)
+    order = list(trainer._get_train_sampler())
+    assert sorted(order) == list(range(40))
+    lengths = [len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in trainer.train_dataset]
+    assert lengths[order[0]] == max(lengths)  # the longest batch first, as transformers' sampler does
