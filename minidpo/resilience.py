@@ -1,13 +1,268 @@
-"""Surviving faults: resuming from checkpoints and stopping cleanly when the scheduler says so."""
+"""Surviving faults: resuming from checkpoints and stopping cleanly when the scheduler says so.
+
+- `resolve_resume(args)`: `resume_from_checkpoint` is a checkpoint path, or `true` for the newest *complete*
+  checkpoint in `output_dir`. Trainer writes a checkpoint in place (weights, then optimizer/scheduler/RNG, then
+  trainer_state.json last), so a process killed mid-save leaves a folder that looks like the latest one; it is
+  skipped here, never resumed from.
+- `callbacks(args)`: `PreemptionCallback`. On SIGTERM (what Slurm, Kubernetes and spot-instance schedulers send
+  before killing a job) training finishes the current optimizer step, saves a checkpoint and stops; `train.py`
+  then exits 0 with the command that resumes.
+
+Trainer itself restores model, optimizer, scheduler, RNG states and the position in the data from a checkpoint.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
+import struct
+import sys
+import threading
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from minidpo.cli import UserError
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_TRUE = {"true", "yes", "1", "latest", "last"}
+_FALSE = {"", "false", "no", "0", "none"}
+# What a checkpoint's model can be saved as: plain or sharded weights, a LoRA adapter, FSDP's sharded state
+# (a folder per model) or DeepSpeed's global_step* folder.
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resume
+
+
+def _safetensors_complete(path: Path) -> bool:
+    """The file holds its whole header and every tensor the header lists (a truncated write fails this)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if 8 + n > size:
+                return False
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return 8 + n + end <= size
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return False
+
+
+def checkpoint_problem(path) -> str | None:
+    """Why `path` is not a complete Trainer checkpoint, or None when it is."""
+    path = Path(path)
+    if not path.is_dir():
+        return "not a directory"
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        if "global_step" not in state:
+            return "trainer_state.json has no global_step"
+    except FileNotFoundError:
+        return "no trainer_state.json (Trainer writes it last: the save was interrupted)"
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json is unreadable ({e.__class__.__name__}: the save was interrupted)"
+    for name in _WEIGHT_FILES:
+        if (path / name).is_file():
+            if name.endswith(".safetensors") and not _safetensors_complete(path / name):
+                return f"{name} is truncated"
+            return None
+    for name in _WEIGHT_INDEXES:
+        if (path / name).is_file():
+            try:
+                shards = set(json.loads((path / name).read_text(encoding="utf-8"))["weight_map"].values())
+            except (OSError, ValueError, KeyError) as e:
+                return f"{name} is unreadable ({e.__class__.__name__})"
+            missing = sorted(s for s in shards if not (path / s).is_file())
+            return f"{name} lists missing shards {missing}" if missing else None
+    if any(p.is_dir() for p in path.glob("pytorch_model_fsdp_*")) or any(p.is_dir() for p in path.glob("global_step*")):
+        return None
+    return "no model weights"
+
+
+def latest_checkpoint(output_dir) -> tuple[str | None, list[tuple[str, str]]]:
+    """The newest complete `checkpoint-N` in `output_dir` (None if there is none), and the newer incomplete ones
+    skipped on the way, as (path, reason) pairs."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None, []
+    # Trainer's own rule first (the highest step number); below it only when that one is incomplete.
+    last = get_last_checkpoint(str(folder))
+    if last is None or checkpoint_problem(last) is None:
+        return last, []
+    skipped = []
+    candidates = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir())
+    for _, path in reversed(candidates):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path), skipped
+        skipped.append((str(path), problem))
+    return None, skipped
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
 
 def resolve_resume(args):
-    """The checkpoint to resume from: `resume_from_checkpoint` as given (a path), or None."""
-    return args.resume_from_checkpoint
+    """The checkpoint to resume from, or None to start fresh.
+
+    `resume_from_checkpoint` may be a checkpoint path, a run directory (its newest complete checkpoint), or
+    true / "true" / "True" for the newest complete checkpoint in `output_dir` (TrlParser passes strings).
+    """
+    value = getattr(args, "resume_from_checkpoint", None)
+    if value is None or value is False:
+        return None
+    text = str(value).strip()
+    if value is True or text.lower() in _TRUE:
+        found, skipped = latest_checkpoint(args.output_dir)
+        where = f"output_dir {args.output_dir!r}"
+    elif text.lower() in _FALSE:
+        return None
+    else:
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise UserError(f"resume_from_checkpoint: {text!r} does not exist (give a checkpoint-N folder, or true "
+                            f"for the newest checkpoint in output_dir)")
+        if _CHECKPOINT.match(path.name) or (path / "trainer_state.json").exists():
+            problem = checkpoint_problem(path)
+            if problem:
+                found, _ = latest_checkpoint(path.parent)
+                hint = f"; the newest complete one is {found}" if found else ""
+                raise UserError(f"resume_from_checkpoint: {text} is not a complete checkpoint: {problem}{hint}")
+            return str(path)
+        found, skipped = latest_checkpoint(path)  # a run directory: its newest complete checkpoint
+        where = f"{text!r}"
+    for path, problem in skipped:
+        if _is_main_process():
+            print(f"[minidpo] skipping {path}: {problem}")
+    if found is None:
+        raise UserError(f"resume_from_checkpoint: no complete checkpoint-N folder in {where} to resume from"
+                        + (f" ({len(skipped)} incomplete skipped)" if skipped else "")
+                        + ". Drop resume_from_checkpoint to start fresh, or give a checkpoint path.")
+    if _is_main_process():
+        print(f"[minidpo] resuming from {found}")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preemption
+
+
+def resume_command() -> str:
+    """The command line that continues this run: the same one, with `--resume_from_checkpoint true`."""
+    argv = list(sys.argv)
+    for i, a in enumerate(argv):  # drop an earlier --resume_from_checkpoint X / --resume_from_checkpoint=X
+        if a == "--resume_from_checkpoint":
+            del argv[i:i + 2]
+            break
+        if a.startswith("--resume_from_checkpoint="):
+            del argv[i]
+            break
+    if argv and argv[0].endswith(".py"):
+        multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        argv = ["accelerate launch [the same launch options]" if multi else "python"] + argv
+    elif argv:
+        argv[0] = os.path.basename(argv[0])  # the `minidpo` console script
+    return " ".join(argv + ["--resume_from_checkpoint", "true"])
+
+
+class PreemptionCallback(TrainerCallback):
+    """On SIGTERM: finish the current optimizer step, save a checkpoint, stop training.
+
+    The signal handler only sets a flag; the save happens in `on_step_end`, at a step boundary, where the
+    checkpoint is consistent (no half-accumulated gradients). Under distributed training the flag is combined
+    across processes every step (a one-element all-reduce), so if only one rank is signalled all still stop at
+    the same step and save together instead of deadlocking. A second SIGTERM while the checkpoint is being saved
+    falls back to the default action (terminate at once).
+    """
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self.signals = tuple(signals)
+        self.requested = False  # a signal arrived (this process)
+        self.preempted = False  # training was stopped for it (all processes agree)
+        self.signal_name = None
+        self._previous = {}
+
+    # -- signal handling
+    def _handler(self, signum, frame):
+        if self.requested:  # second signal: stop waiting for the step boundary
+            signal.signal(signum, self._previous.get(signum) or signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        print(f"[minidpo] {self.signal_name} received: saving a checkpoint at the end of this step, then stopping",
+              flush=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for s in self.signals:
+            self._previous[s] = signal.getsignal(s)
+            signal.signal(s, self._handler)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for s, previous in self._previous.items():
+            signal.signal(s, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    # -- the step boundary
+    def _anyone_requested(self) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.requested
+        from accelerate import PartialState
+
+        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=PartialState().device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._anyone_requested():
+            self.preempted = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def check_launch(args) -> None:
+    """Refuse a launch that started several processes which would each train alone (and overwrite each other's
+    output_dir): on a machine without GPUs, torchrun-style launchers start the processes but they only join one
+    process group when told to run on CPU."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size == 1:
+        raise UserError(f"{launched} processes were launched but each would train on its own: "
+                        + ("on CPU set `use_cpu: true` in the training config (or --use_cpu true)"
+                           if not args.use_cpu else "the process group did not form")
+                        + "; see configs/accelerate/cpu_ddp.yaml")
 
 
 def callbacks(args) -> list:
-    """Trainer callbacks this module contributes to every run."""
-    return []
+    """Trainer callbacks this module contributes to every run (and a check that a multi-process launch is one)."""
+    check_launch(args)
+    return [PreemptionCallback()]
+
+
+def preempted(trainer) -> bool:
+    """Whether `trainer.train()` returned because of a preemption signal; if so, says on the main process where the
+    checkpoint is and how to resume. train.py then exits 0 without its final evaluate/save: the run is not done."""
+    cb = next((c for c in trainer.callback_handler.callbacks if isinstance(c, PreemptionCallback)), None)
+    if cb is None or not cb.preempted:
+        return False
+    if trainer.accelerator.is_main_process:
+        ckpt = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+        print(f"[minidpo] preempted ({cb.signal_name or 'signal on another process'}) at step "
+              f"{trainer.state.global_step}/{trainer.state.max_steps}: checkpoint saved to {ckpt}\n"
+              f"[minidpo] to resume, run the same command with --resume_from_checkpoint true:\n"
+              f"    {resume_command()}", flush=True)
+    return True
