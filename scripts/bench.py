@@ -268,8 +268,8 @@ def run_row(name, args) -> dict:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     policy = policy.float().to(device)
     ref = build_model(tokenizer, args.shape).to(device).eval()
-    return {"name": name, "seconds": seconds, "cpu_seconds": cpu_seconds, "real_tokens": real_tokens, "n_params": n_params,
-            "real_tokens_per_s": real_tokens / seconds, "peak_mem_mb": peak_mb,
+    return {"name": name, "seconds": seconds, "cpu_seconds": cpu_seconds, "real_tokens": real_tokens,
+            "n_params": n_params, "real_tokens_per_s": real_tokens / seconds, "peak_mem_mb": peak_mb,
             "dtype": "fp32" if name in ("trl-default", "minimind-loop") else "bf16",
             "final_loss": final_loss(policy, ref, encoded, device)}
 
