@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate.utils import is_peft_model
+from accelerate.utils import broadcast_object_list, gather_object, is_peft_model
 from datasets.fingerprint import Hasher
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.utils import logging
 from trl import DPOConfig, DPOTrainer
+from trl.models import prepare_deepspeed
 from trl.trainer.utils import pad
 
 from .masking import MASK_MODES, encode_pair
@@ -133,6 +134,9 @@ def install_pair_forward(model, length_normalize: bool = True, share_prompt: boo
     are exactly our loss masks.
     """
     fused_forward = model.forward
+    # The packed row needs an arbitrary (block) attention mask: sdpa and eager take a 4D one; flash-attention and
+    # other kernels only know causal masks, so they keep the two-row layout.
+    share_prompt = share_prompt and model.config._attn_implementation in ("sdpa", "eager")
 
     @functools.wraps(fused_forward)
     def forward(*args, fused_lm_head=False, labels=None, shift_labels=None, **kwargs):
@@ -147,11 +151,6 @@ def install_pair_forward(model, length_normalize: bool = True, share_prompt: boo
         return out
 
     model.forward = forward
-
-
-def average_over_scored_tokens(model) -> None:
-    """`install_pair_forward` with length averaging only."""
-    install_pair_forward(model, length_normalize=True, share_prompt=False)
 
 
 def _can_share(kwargs) -> bool:
@@ -262,50 +261,72 @@ class MiniDPOTrainer(DPOTrainer):
         self._pair_forward_installed = True
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        """Reference log-probs once, over length-sorted batches, cached on disk across runs.
+        """Reference log-probs once, over length-sorted batches shared out across processes, cached on disk.
 
-        TRL's own cache lives beside the dataset's cache files, keyed by its fingerprint: in-memory datasets (the
-        usual case, `Dataset.from_list`) get a random fingerprint and a temporary folder, so every run recomputes.
-        Ours is keyed by content: the reference weights (TRL's hash), the encoded ids and masks (so tokenizer,
-        data, max_length and mask_mode), length_normalize and the autocast dtype.
+        TRL's own cache lives beside the dataset's cache files, keyed by its fingerprint: in-memory datasets (what
+        train.py passes) get a random fingerprint in a per-process temporary folder, so every run recomputes and
+        ranks other than 0 cannot find rank 0's file. Ours is keyed by content: the reference weights (TRL's hash),
+        the encoded ids and masks (so tokenizer, data, max_length and mask_mode), length_normalize and the autocast
+        dtype. Rank 0 decides, reads and writes; every rank gets the same values.
         """
         # TRL precomputes inside its own __init__, before ours can patch the forward: patch first.
         self._install_pair_forward()
-        if self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            return super()._precompute_ref_logps(dataset, name, batch_size)
         args = self.args
         key = Hasher.hash((self._precompute_model_hash, _content_hash(dataset), args.max_length, args.mask_mode,
                            args.length_normalize, args.bf16, args.fp16, "minidpo.ref-logps/1"))
         cache_dir = Path(args.ref_cache_dir or os.environ.get("MINIDPO_CACHE") or Path.home() / ".cache" / "minidpo")
         path = cache_dir / "ref-logps" / f"{key}.pt"
-        if path.exists():
-            logps = torch.load(path)
+        cached = [torch.load(path, weights_only=True) if self.accelerator.is_main_process and path.exists() else None]
+        broadcast_object_list(cached, from_process=0)  # one decision for all ranks: they run forwards together
+        logps = cached[0]
+        if logps is not None:
             logger.info(f"{name}: reference log-probs read from {path}")
         else:
             logps = self._compute_ref_logps_sorted(dataset, batch_size)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            torch.save(logps, tmp)
-            os.replace(tmp, path)
+            if self.accelerator.is_main_process:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                torch.save(logps, tmp)
+                os.replace(tmp, path)
+        self.accelerator.wait_for_everyone()
         for column in ("ref_chosen_logps", "ref_rejected_logps"):
             if column in dataset.column_names:
                 dataset = dataset.remove_columns(column)
         return (dataset.add_column("ref_chosen_logps", logps[:, 0].tolist())
                 .add_column("ref_rejected_logps", logps[:, 1].tolist()))
 
+    def _precompute_model(self):
+        """The model that scores the reference, as TRL picks it (a DeepSpeed engine places ZeRO parameters)."""
+        if self.ref_model is None and self.is_deepspeed_enabled:
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            return self._precompute_engine
+        return self.ref_model or self.model
+
     @torch.no_grad()
     def _compute_ref_logps_sorted(self, dataset, batch_size) -> torch.Tensor:
-        """[len(dataset), 2] reference log-probs (chosen, rejected), batches of similar length to cut padding."""
-        model = self.ref_model or self.model
+        """[len(dataset), 2] reference log-probs (chosen, rejected): batches of similar length, dealt round-robin
+        to the processes, gathered so every rank holds all of them."""
+        model = self._precompute_model()
         lengths = _pair_lengths(dataset)
         order = sorted(range(len(dataset)), key=lengths.__getitem__, reverse=True)
-        logps = torch.empty(len(dataset), 2)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        mine = batches[rank::world]
+        # Sharded models (ZeRO-3, FSDP) run every forward collectively: all ranks take the same number of steps,
+        # the ones out of batches repeat one whose result is dropped.
+        steps = -(-len(batches) // world)
+        results = []
+        for step in range(steps):
+            idx = mine[step] if step < len(mine) else batches[0]
             batch = self.data_collator([dataset[i] for i in idx])
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
             chosen, rejected = self.compute_ref_log_probs(model, batch)
-            logps[idx] = torch.stack([chosen, rejected], dim=1).float().cpu()
+            if step < len(mine):
+                results.append((idx, torch.stack([chosen, rejected], dim=1).float().cpu()))
+        logps = torch.full((len(dataset), 2), float("nan"))
+        for idx, values in gather_object(results) if world > 1 else results:
+            logps[idx] = values
         return logps
 
     def _get_train_sampler(self, train_dataset=None):

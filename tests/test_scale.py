@@ -404,6 +404,8 @@ def _precompute_worker(config: str, dump: str):
             with training_args.main_process_first():
                 dataset = dataset.flatten_indices(cache_file_name=str(arrow))
         scored.clear()
+        # A cache of its own per dataset kind: each must really be scored, not read back from the other's.
+        training_args.ref_cache_dir = str(Path(dump).parent / f"ref-cache-{Path(dump).name}-{kind}")
         try:
             trainer = MiniDPOTrainer(model, args=training_args, train_dataset=dataset, processing_class=tokenizer)
         except Exception as e:  # noqa: BLE001 -- reported to the test
@@ -460,11 +462,6 @@ def test_precomputed_ref_logps_once_across_processes(precomputed):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "KNOWN BUG (TRL 1.16 DPOTrainer._precompute_ref_logps + in-memory datasets, which train.py passes): the gathered "
-    "values are cached in dataset._get_cache_file_path(), which for a dataset without cache files is a RANDOM name "
-    "in a PER-PROCESS temp dir, so every rank but 0 fails with FileNotFoundError. Fix belongs in "
-    "MiniDPOTrainer._precompute_ref_logps (minidpo/trainer.py); remove this marker when it lands."))
 def test_precomputed_ref_logps_in_memory_dataset_across_processes(precomputed):
     _check_precompute(precomputed, "memory")
 
