@@ -201,15 +201,20 @@ def main(script_args: ScriptArguments, training_args: MiniDPOConfig, model_args:
     check_max_length(train, tokenizer, training_args)
     model = load_model(model_args, tokenizer, training_args.trust_remote_code)
 
-    trainer = MiniDPOTrainer(
-        model,
-        args=training_args,
-        train_dataset=Dataset.from_list(train),
-        eval_dataset=Dataset.from_list(evals) if evals else None,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-        callbacks=reports.callbacks(training_args) + resilience.callbacks(training_args),
-    )
+    try:
+        trainer = MiniDPOTrainer(
+            model,
+            args=training_args,
+            train_dataset=Dataset.from_list(train),
+            eval_dataset=Dataset.from_list(evals) if evals else None,
+            processing_class=tokenizer,
+            peft_config=get_peft_config(model_args),
+            callbacks=reports.callbacks(training_args) + resilience.callbacks(training_args),
+        )
+    except ValueError as e:
+        # TRL validates option combinations (loss types, PEFT targets, ...) when the trainer is built; errors
+        # later, during training, keep their stack trace.
+        raise UserError(str(e)) from None
     trainer.train(resume_from_checkpoint=resilience.resolve_resume(training_args))
     if resilience.preempted(trainer):
         # Stopped by SIGTERM: a checkpoint is saved and the resume command printed. The run is not finished,
@@ -246,14 +251,15 @@ def parse(argv=None):
 def run(argv=None) -> int:
     """Entry point of `minidpo train` and of this file: clear one-line errors instead of stack traces."""
     try:
-        script_args, training_args, model_args = parse(argv)
-        main(script_args, training_args, model_args)
-    except UserError as e:
+        parsed = parse(argv)
+    except (ValueError, FileNotFoundError) as e:
+        # Config mistakes (unknown keys, bad values, a missing --config file) surface as these from TrlParser,
+        # TrainingArguments and MiniDPOConfig; their messages already say what to change.
         print(f"minidpo train: error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:
-        # Config mistakes (unknown keys, bad values, missing --config file) surface as these from TrlParser,
-        # TrainingArguments and MiniDPOConfig; their messages already say what to change.
+    try:
+        main(*parsed)
+    except UserError as e:
         print(f"minidpo train: error: {e}", file=sys.stderr)
         return 2
     return 0
