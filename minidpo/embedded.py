@@ -267,6 +267,13 @@ def build_tiny_model(
     return model.to(torch.float32)
 
 
+def save_base_model(path: str | Path, seed: int = 0):
+    """The embedded tokenizer and a tiny Llama saved together as one Transformers folder (what training loads)."""
+    tokenizer = build_tokenizer(path)
+    build_tiny_model(tokenizer, seed=seed).save_pretrained(path)
+    return tokenizer
+
+
 # ---------------------------------------------------------------------------------------------
 # Preference records
 

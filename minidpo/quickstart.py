@@ -32,8 +32,7 @@ def quickstart(output="quickstart-output", pairs=1000, eval_fraction=0.1, seed=0
     start = time.time()
 
     print(f"[1/4] embedded tokenizer and tiny Llama -> {out / 'base-model'}")
-    tokenizer = embedded.build_tokenizer(out / "base-model")
-    embedded.build_tiny_model(tokenizer, seed=seed).save_pretrained(out / "base-model")
+    tokenizer = embedded.save_base_model(out / "base-model", seed=seed)
 
     print(f"[2/4] {pairs} MiniMind-format preference pairs -> {out / 'dpo.jsonl'}; converting")
     raw = embedded.write_jsonl(embedded.make_preference_records(pairs, seed=seed), out / "dpo.jsonl")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from minidpo import embedded
+from conftest import write_tiny_assets
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_ID = "tester/minidpo-test"
@@ -123,10 +123,7 @@ class StandInHub:
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub-assets")
-    tok = embedded.build_tokenizer(root / "base")
-    embedded.build_tiny_model(tok, seed=0).save_pretrained(root / "base")
-    embedded.write_jsonl(embedded.make_preference_records(64, seed=2), root / "dpo.jsonl")
-    return root
+    return write_tiny_assets(root, pairs=64, data_seed=2)
 
 
 def test_push_to_hub_commits_weights_tokenizer_and_card_without_leaking_the_token(assets, tmp_path):

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_tiny_assets
+
 REPO = Path(__file__).resolve().parents[1]
 ACCEL = REPO / "configs" / "accelerate"
 TRAIN_PY = REPO / "minidpo" / "train.py"
@@ -59,12 +61,8 @@ def _env(threads=1):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny model folder (tokenizer included) and a MiniMind dpo.jsonl of N_PAIRS pairs."""
-    from minidpo import embedded
-
     root = tmp_path_factory.mktemp("scale")
-    tokenizer = embedded.build_tokenizer(root / "model")
-    embedded.build_tiny_model(tokenizer, seed=0).save_pretrained(root / "model")
-    embedded.write_jsonl(embedded.make_preference_records(N_PAIRS, seed=0), root / "dpo.jsonl")
+    write_tiny_assets(root, pairs=N_PAIRS, data_seed=0, model_dir="model")
     return root
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import write_tiny_assets
 from minidpo import embedded
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,10 +45,7 @@ TINY = {
 def assets(tmp_path_factory):
     """A base model folder (tokenizer + tiny Llama) and 160 MiniMind-format pairs with a learnable preference."""
     root = tmp_path_factory.mktemp("assets")
-    tok = embedded.build_tokenizer(root / "base")
-    embedded.build_tiny_model(tok, seed=0).save_pretrained(root / "base")
-    embedded.write_jsonl(embedded.make_preference_records(160, seed=1), root / "dpo.jsonl")
-    return root
+    return write_tiny_assets(root, pairs=160, data_seed=1)
 
 
 def write_config(path: Path, assets: Path, output_dir: Path, **overrides) -> Path:
