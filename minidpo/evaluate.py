@@ -95,17 +95,23 @@ def load_model(path: str, what: str):
             model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the {what} from {str(p)!r}: {str(e).splitlines()[0]}") from None
+    from trl.trainer.utils import add_fused_lm_head
+
+    add_fused_lm_head(model.get_base_model() if hasattr(model, "get_base_model") else model)
     return model.eval()
 
 
 def load_tokenizer(model_dir: Path, ref: str):
     from minidpo import data
+    from minidpo.trainer import ensure_pad_token
 
     for candidate in (model_dir, Path(ref)):
         if (candidate / "tokenizer_config.json").is_file() or (candidate / "tokenizer.json").is_file():
             tok = data.load_tokenizer(candidate)
-            if tok.pad_token is None:
-                tok.pad_token = tok.eos_token  # padding is masked out; the trainer makes the same choice
+            try:
+                ensure_pad_token(tok)
+            except ValueError as e:
+                raise UserError(str(e)) from None
             return tok
     raise UserError(f"no tokenizer in {model_dir} or {ref}: save the tokenizer with the model")
 
@@ -132,29 +138,28 @@ def load_pairs(path: str, tokenizer, limit: int | None) -> list[dict]:
 
 def sequence_logps(model, batch) -> tuple:
     """(summed, mean) log-prob of the scored tokens of each row; `completion_mask[i]` marks token i, predicted
-    at position i - 1, exactly as the trainer reads it."""
+    at position i - 1, exactly as the trainer reads it. Through TRL's fused LM head, as in training: no
+    full-vocabulary logits (for a 150k-token vocabulary they would not fit)."""
     import torch
 
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels = batch["input_ids"][:, 1:]
-        mask = batch["completion_mask"][:, 1:].to(logits.dtype)
-        token_logps = -torch.nn.functional.cross_entropy(
-            logits.float().transpose(1, 2), labels, reduction="none")
-        summed = (token_logps * mask).sum(-1)
-        return summed, summed / mask.sum(-1).clamp(min=1)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                    fused_lm_head=True)
+    summed = out.log_probs.float().sum(-1)
+    return summed, summed / (labels[:, 1:] != -100).sum(-1).clamp(min=1)
 
 
 def score_pairs(policy, ref, tokenizer, records, max_length, mask_mode="minimind", batch_size=8, beta=0.1):
     """Per-pair `{avg, sum}` policy and reference log-probs of both sides, and the aggregate metrics."""
-    from minidpo.masking import encode_pair
+    from minidpo.masking import encode_pair, is_scorable
     from minidpo.trainer import PairCollator
 
     collate = PairCollator(tokenizer.pad_token_id)
     encoded, skipped = [], 0
     for r in records:
         e = encode_pair(r, tokenizer, max_length=max_length, mask_mode=mask_mode)
-        if any(e["chosen_loss_mask"]) and any(e["rejected_loss_mask"]):
+        if is_scorable(e):
             encoded.append(e)
         else:
             skipped += 1  # the trainer drops these too

@@ -224,6 +224,11 @@ def diagnose_pair(record: dict, tokenizer, max_length: int | None = None, mask_m
     return out, issues
 
 
+def is_scorable(encoded: dict) -> bool:
+    """Both sides of an `encode_pair` result score at least one token (else the pair carries no DPO signal)."""
+    return any(encoded["chosen_loss_mask"]) and any(encoded["rejected_loss_mask"])
+
+
 def encode_pair(record: dict, tokenizer, max_length: int | None = None, mask_mode: str = "minimind") -> dict:
     """Token ids and loss masks of both sides of a TRL conversational record.
 

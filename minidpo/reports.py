@@ -330,7 +330,7 @@ def _length_advice(share_longer: float, share_shorter: float, mean_ratio: float)
 def analyse_records(splits: dict, tokenizer, max_length: int, mask_mode: str = "minimind") -> dict:
     """The numbers of the data report for records already loaded, tokenized with `masking.encode_pair`."""
     from minidpo.data import _LengthStats
-    from minidpo.masking import encode_pair, render
+    from minidpo.masking import encode_pair, is_scorable, render
 
     lengths = {k: _LengthStats() for k in ("prompt", "chosen_scored", "rejected_scored", "sequence")}
     per_pair = {"prompt": [], "chosen_scored": [], "rejected_scored": [], "sequence": []}
@@ -367,7 +367,7 @@ def analyse_records(splits: dict, tokenizer, max_length: int, mask_mode: str = "
                 truncated += 1
                 # Only the long pairs are encoded again, cut exactly as the trainer will cut them.
                 cut = encode_pair(record, tokenizer, max_length=max_length, mask_mode=mask_mode)
-                if not (any(cut["chosen_loss_mask"]) and any(cut["rejected_loss_mask"])):
+                if not is_scorable(cut):
                     nothing_to_score += 1
                 elif (sum(cut["chosen_loss_mask"]), sum(cut["rejected_loss_mask"])) != (c, r):
                     answer_cut += 1

@@ -24,7 +24,7 @@ from pathlib import Path
 from trl import ModelConfig, ScriptArguments as TrlScriptArguments, TrlParser
 
 from minidpo.cli import UserError
-from minidpo.trainer import MiniDPOConfig
+from minidpo.trainer import MiniDPOConfig, ensure_pad_token
 
 
 @dataclass
@@ -92,12 +92,11 @@ def load_tokenizer(model_args: ModelConfig, trust_remote_code: bool):
         markers = uses_minimind_markers(tokenizer)
     except MaskingError as e:
         raise UserError(e.message) from None
-    if tokenizer.pad_token is None:
-        # Padding is never scored and never attended to, so any id works: use eos, as TRL does.
-        if tokenizer.eos_token is None:
-            raise UserError(f"tokenizer {path!r} has neither a pad nor an eos token: set pad_token in its "
-                            "tokenizer_config.json")
-        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        padded_with_eos = ensure_pad_token(tokenizer)
+    except ValueError as e:
+        raise UserError(f"tokenizer {path!r}: {e}") from None
+    if padded_with_eos:
         print(f"[minidpo] tokenizer {path} has no pad token: padding with its eos token {tokenizer.eos_token!r} "
               "(padding is masked out of attention and loss)")
     how = "MiniMind's marker search" if markers else "assistant spans from the chat template"
@@ -144,7 +143,7 @@ def _first_line(e: Exception) -> str:
 def check_max_length(train: list, tokenizer, training_args: MiniDPOConfig, sample: int = 1000) -> None:
     """Refuse when `max_length` leaves more than half the pairs with nothing to score (the trainer would drop
     them), warn when it drops more than a tenth. Checked on an evenly spread sample of at most `sample` pairs."""
-    from minidpo.masking import encode_pair
+    from minidpo.masking import encode_pair, is_scorable
 
     max_length = training_args.max_length
     if max_length is None or not train:
@@ -153,7 +152,7 @@ def check_max_length(train: list, tokenizer, training_args: MiniDPOConfig, sampl
     empty = 0
     for record in picked:
         enc = encode_pair(record, tokenizer, max_length=max_length, mask_mode=training_args.mask_mode)
-        empty += not (any(enc["chosen_loss_mask"]) and any(enc["rejected_loss_mask"]))
+        empty += not is_scorable(enc)
     share = empty / len(picked)
     if share <= 0.1:
         return

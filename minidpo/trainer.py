@@ -34,7 +34,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.models import prepare_deepspeed
 from trl.trainer.utils import pad
 
-from .masking import MASK_MODES, encode_pair
+from .masking import MASK_MODES, encode_pair, is_scorable
 
 logger = logging.get_logger(__name__)
 
@@ -221,6 +221,19 @@ def _count_each_sequence_once(completion_mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def ensure_pad_token(tokenizer) -> bool:
+    """Give a tokenizer without a pad token its eos token as pad; True when it did.
+
+    Padding is never scored and never attended to, so any id works; TRL makes the same choice.
+    """
+    if tokenizer.pad_token is not None:
+        return False
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token: set pad_token in its tokenizer_config.json")
+    tokenizer.pad_token = tokenizer.eos_token
+    return True
+
+
 class MiniDPOTrainer(DPOTrainer):
     """`trl.DPOTrainer` on MiniMind-equivalent token masks, with length-averaged log-ratios by default."""
 
@@ -238,9 +251,7 @@ class MiniDPOTrainer(DPOTrainer):
             name = model if isinstance(model, str) else model.config._name_or_path
             processing_class = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        if tokenizer.pad_token is None:
-            # Padding is never scored or attended to, so any id works; TRL makes the same choice.
-            tokenizer.pad_token = tokenizer.eos_token
+        ensure_pad_token(tokenizer)
         if data_collator is None:
             data_collator = PairCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
         self.pairs_dropped: dict[str, int] = {}
@@ -360,7 +371,7 @@ class MiniDPOTrainer(DPOTrainer):
             desc=f"Encoding {dataset_name} pairs ({args.mask_mode} masks)",
         )
         n = len(dataset)
-        dataset = dataset.filter(lambda e: any(e["chosen_loss_mask"]) and any(e["rejected_loss_mask"]),
+        dataset = dataset.filter(is_scorable,
                                  num_proc=args.dataset_num_proc)
         dropped = n - len(dataset)
         self.pairs_dropped[dataset_name] = dropped
