@@ -9,8 +9,9 @@ What changes against stock TRL, and nothing else:
     (no full-vocabulary logits); we only divide its output rows by their scored-token counts.
 
 Speed, each keeping the loss (tests/test_trainer.py, tests/test_bench.py; scripts/bench.py measures them):
-  - `share_prompt=True`: chosen and rejected share their prompt, so each pair runs as one row, prompt once, with an
-    attention mask that hides the chosen answer from the rejected one (see `_shared_prompt_forward`);
+  - `share_prompt=True`: chosen and rejected share their prompt, so each pair runs as one row, prompt once, the
+    rejected answer attending to the prompt and itself only (`minidpo.scoring`); on devices without Triton the
+    LM head projects only the scored positions (`minidpo.scoring`);
   - `precompute_ref_log_probs=True`: reference log-probs computed once over length-sorted batches and cached on disk
     under `ref_cache_dir`, keyed by the weights and the encoded pairs, so later runs (sweeps) skip them;
   - `train_sampling_strategy="group_by_length"`: batches of pairs of similar length, less padding;
@@ -35,6 +36,7 @@ from trl.models import prepare_deepspeed
 from trl.trainer.utils import pad
 
 from .masking import MASK_MODES, encode_pair, is_scorable
+from .scoring import COMPACT_FIELDS, install_pair_forward
 
 logger = logging.get_logger(__name__)
 
@@ -121,94 +123,6 @@ class PairCollator:
         return batch
 
 
-PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-
-
-def install_pair_forward(model, length_normalize: bool = True, share_prompt: bool = False) -> None:
-    """Wrap the fused LM head (`model(..., labels=, fused_lm_head=True)`) for pair batches `[chosen; rejected]`.
-
-    `share_prompt`: the pair runs as one packed row with its shared prompt once (`_shared_prompt_forward`); the
-    per-token outputs come back in the `[chosen; rejected]` layout TRL reads, equal up to float rounding.
-    `length_normalize`: per-token log-probs are divided by the sequence's scored-token count, so TRL's sum over the
-    sequence becomes the mean MiniMind uses. Rows are found from the labels TRL passes (-100 = not scored), which
-    are exactly our loss masks.
-    """
-    fused_forward = model.forward
-    # The packed row needs an arbitrary (block) attention mask: sdpa and eager take a 4D one; flash-attention and
-    # other kernels only know causal masks, so they keep the two-row layout.
-    share_prompt = share_prompt and model.config._attn_implementation in ("sdpa", "eager")
-
-    @functools.wraps(fused_forward)
-    def forward(*args, fused_lm_head=False, labels=None, shift_labels=None, **kwargs):
-        if fused_lm_head and share_prompt and shift_labels is None and not args and _can_share(kwargs):
-            out = _shared_prompt_forward(fused_forward, labels=labels, **kwargs)
-        else:
-            out = fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
-                                **kwargs)
-        if fused_lm_head and length_normalize:
-            scored = (shift_labels if shift_labels is not None else labels[:, 1:]) != -100
-            out.log_probs = out.log_probs / scored.sum(dim=-1, keepdim=True).clamp(min=1)
-        return out
-
-    model.forward = forward
-
-
-def _can_share(kwargs) -> bool:
-    ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
-    return (ids is not None and mask is not None and mask.dim() == 2 and ids.size(0) % 2 == 0
-            and "position_ids" not in kwargs and "inputs_embeds" not in kwargs)
-
-
-def _shared_prompt_forward(fused_forward, input_ids, attention_mask, labels, **kwargs):
-    """One row per pair: `chosen + [last shared token] + rejected tail`, prompt computed once.
-
-    With p the length of the common prefix of chosen c and rejected r, the row is c[:Lc] followed by r[p-1:Lr]. The
-    copy of r[p-1] (the shared prompt's last token) re-predicts r's first own token. Positions restart at p-1 for
-    the rejected part, which attends to c[:p-1] and to itself, never to the chosen tail nor the first copy of r[p-1]:
-    every token sees exactly what it sees in its own sequence. Right padding (PairCollator, TRL) is assumed.
-    """
-    n = input_ids.size(0) // 2
-    lengths = attention_mask.sum(dim=1).tolist()
-    same = (input_ids[:n] == input_ids[n:]) & attention_mask[:n].bool() & attention_mask[n:].bool()
-    prefix = same.int().cumprod(dim=1).sum(dim=1).tolist()
-    right_padded = attention_mask.cumprod(dim=1).sum(dim=1).tolist() == lengths
-    if min(prefix) < 1 or not right_padded:
-        return fused_forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True,
-                             **kwargs)
-    dev = input_ids.device
-    rows = [(lengths[i], lengths[n + i], prefix[i]) for i in range(n)]
-    width = max(lc + lr - p + 1 for lc, lr, p in rows)
-    ids = input_ids.new_zeros(n, width)
-    pos = torch.zeros(n, width, dtype=torch.long, device=dev)
-    lab = torch.full((n, width), -100, dtype=labels.dtype, device=dev)
-    allowed = torch.zeros(n, 1, width, width, dtype=torch.bool, device=dev)
-    # index of the packed hidden state that predicts each label of the [chosen; rejected] layout
-    src = torch.zeros(2 * n, input_ids.size(1) - 1, dtype=torch.long, device=dev)
-    causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
-    for i, (lc, lr, p) in enumerate(rows):
-        end = lc + lr - p + 1
-        ids[i, :lc], ids[i, lc:end] = input_ids[i, :lc], input_ids[n + i, p - 1:lr]
-        pos[i, :lc], pos[i, lc:end] = torch.arange(lc, device=dev), torch.arange(p - 1, lr, device=dev)
-        lab[i, :lc], lab[i, lc + 1:end] = labels[i, :lc], labels[n + i, p:lr]
-        allowed[i, 0, :end, :end] = causal[:end, :end]
-        allowed[i, 0, lc:end, p - 1:lc] = False  # the rejected part does not see the chosen tail
-        t = torch.arange(input_ids.size(1) - 1, device=dev)
-        src[i] = t.clamp(max=width - 2)
-        src[n + i] = torch.where(t < p - 1, t, lc + t - p + 1).clamp(max=width - 2)
-    allowed |= torch.diag_embed(~allowed.any(dim=-1))  # padding attends to itself (all-masked rows give NaN)
-    out = fused_forward(input_ids=ids, attention_mask=allowed, position_ids=pos, labels=lab, fused_lm_head=True,
-                        **kwargs)
-    scored = labels[:, 1:] != -100
-    packed_row = torch.arange(2 * n, device=dev) % n
-    for name in PER_TOKEN_FIELDS:
-        value = getattr(out, name, None)
-        if value is not None:
-            setattr(out, name, value[packed_row[:, None], src].masked_fill(~scored, 0))
-    if getattr(out, "loss", None) is not None:
-        out.loss = -out.log_probs.sum() / scored.sum().clamp(min=1)
-    return out
-
-
 def _count_each_sequence_once(completion_mask: torch.Tensor) -> torch.Tensor:
     """A completion mask whose rows sum to 1 while scoring the same positions.
 
@@ -262,11 +176,13 @@ class MiniDPOTrainer(DPOTrainer):
         self._install_pair_forward()
 
     def _install_pair_forward(self):
-        if getattr(self, "_pair_forward_installed", False) or not (self.args.length_normalize or self.args.share_prompt):
+        if getattr(self, "_pair_forward_installed", False):
             return
         wrap = functools.partial(install_pair_forward, length_normalize=self.args.length_normalize,
                                  share_prompt=self.args.share_prompt)
-        wrap(self.model.get_base_model() if is_peft_model(self.model) else self.model)
+        # the fields TRL's DPOTrainer asks of each fused head: the policy's feed its metrics
+        policy_outputs = COMPACT_FIELDS + (("log_sum_sq_probs",) if self.use_weighting else ())
+        wrap(self.model.get_base_model() if is_peft_model(self.model) else self.model, outputs=policy_outputs)
         if self.ref_model is not None:
             wrap(self.accelerator.unwrap_model(self.ref_model))
         self._pair_forward_installed = True

@@ -10,9 +10,12 @@ the summed log-ratios by the completion length) is exactly that objective and sc
 masks score (answer plus `<|im_end|>\\n`); on multi-turn data it would not.
 
 Rows, each run in its own subprocess so their peak memory does not mix:
-  minidpo        MiniDPOTrainer at its best settings (see ROWS below)
+  minidpo        MiniDPOTrainer at its best settings (see run_trainer): one pair per forward, `--batch-size` pairs per
+                 optimizer step (gradient accumulation), packed pair rows, precomputed (cold) reference cache
   trl-default    stock `trl.DPOTrainer`, its defaults (gradient checkpointing on, reference forward each step), fp32
-  trl-tuned      the same with bf16 autocast (`use_cpu=True` on CPU) and `precompute_ref_log_probs=True`
+  trl-tuned      the same with `precompute_ref_log_probs=True` in the faster compute dtype of the machine: bf16
+                 autocast (`use_cpu=True` on CPU) where the measured bf16 matmul peak beats fp32, else fp32
+                 (`--dtype` overrides; the minidpo row uses the same dtype)
   minimind-loop  a loop written from MiniMind's train_dpo.py walkthrough: every sequence padded to max_length, full
                  logits + log_softmax + gather, a reference forward each step, fp32, torch AdamW
 
@@ -157,10 +160,11 @@ def final_loss(policy, ref, encoded, device) -> float:
 # ------------------------------------------------------------------------------------------------ rows
 
 def _trl_args(cls, out, args, **kw):
-    return cls(output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-               learning_rate=LR, lr_scheduler_type="constant", beta=BETA, max_length=args.max_length,
-               report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True, seed=SEED,
-               use_cpu=args.device == "cpu", dataloader_num_workers=0, **kw)
+    base = dict(output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+                learning_rate=LR, lr_scheduler_type="constant", beta=BETA, max_length=args.max_length,
+                report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True, seed=SEED,
+                use_cpu=args.device == "cpu", dataloader_num_workers=0)
+    return cls(**{**base, **kw})
 
 
 def run_trainer(name, args, tokenizer, records, policy, out):
@@ -169,9 +173,12 @@ def run_trainer(name, args, tokenizer, records, policy, out):
     if name == "minidpo":
         from minidpo.trainer import MiniDPOConfig, MiniDPOTrainer
 
-        best = dict(loss_type=["sigmoid"], length_normalize=True, mask_mode="minimind", bf16=True,
+        # The same pairs per optimizer step as every row, one pair per forward (gradient accumulation): no padding,
+        # and a working set that stays in cache.
+        best = dict(loss_type=["sigmoid"], length_normalize=True, mask_mode="minimind", bf16=args.dtype == "bf16",
                     precompute_ref_log_probs=True, ref_cache_dir=str(Path(out) / "ref-cache"),  # cold: timed
-                    train_sampling_strategy="group_by_length", share_prompt=True)
+                    per_device_train_batch_size=1, gradient_accumulation_steps=args.batch_size,
+                    precompute_ref_batch_size=1, share_prompt=True, train_sampling_strategy="sequential")
         for item in args.set or []:  # --set key=value: one lever off (or on) at a time
             key, value = item.split("=", 1)
             best[key] = json.loads(value) if value[:1] in "0123456789-[{tfn\"" else value
@@ -180,7 +187,8 @@ def run_trainer(name, args, tokenizer, records, policy, out):
     else:
         from trl import DPOConfig, DPOTrainer
 
-        tuned = dict(bf16=True, precompute_ref_log_probs=True) if name == "trl-tuned" else dict(bf16=False)
+        tuned = (dict(bf16=args.dtype == "bf16", precompute_ref_log_probs=True) if name == "trl-tuned"
+                 else dict(bf16=False))
         config = _trl_args(DPOConfig, out, args, loss_type=["sigmoid_norm"],
                            train_sampling_strategy="sequential", **tuned)
         trainer_cls = DPOTrainer
@@ -270,7 +278,7 @@ def run_row(name, args) -> dict:
     ref = build_model(tokenizer, args.shape).to(device).eval()
     return {"name": name, "seconds": seconds, "cpu_seconds": cpu_seconds, "real_tokens": real_tokens,
             "n_params": n_params, "real_tokens_per_s": real_tokens / seconds, "peak_mem_mb": peak_mb,
-            "dtype": "fp32" if name in ("trl-default", "minimind-loop") else "bf16",
+            "dtype": "fp32" if name in ("trl-default", "minimind-loop") else args.dtype,
             "final_loss": final_loss(policy, ref, encoded, device)}
 
 
@@ -302,6 +310,8 @@ def parse(argv=None):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="compute dtype of the minidpo and trl-tuned rows; auto: the faster matmul of this machine")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     p.add_argument("--json", help="write the rows to this file")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -332,15 +342,17 @@ def main(argv=None):
         sys.exit(f"unknown rows {sorted(unknown)}; choose from {ROWS}")
     n = 1024 if args.shape == "tiny" else 2048
     peaks = {d: matmul_peak(args.device, d, n) for d in ("float32", "bfloat16")}
+    if args.dtype == "auto":
+        args.dtype = "bf16" if peaks["bfloat16"] > peaks["float32"] else "fp32"
     print(f"[bench] {args.shape}, {args.steps} steps x {args.batch_size} pairs, max_length {args.max_length}, "
           f"device {args.device}; matmul peak fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} "
-          f"GFLOP/s; load {os.getloadavg()[0]:.2f}", flush=True)
+          f"GFLOP/s -> tuned rows in {args.dtype}; load {os.getloadavg()[0]:.2f}", flush=True)
     results = []
     for name in rows:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             cmd = [sys.executable, __file__, "--_row", name, "--_out", f.name, "--shape", args.shape,
                    "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                   "--max-length", str(args.max_length), "--device", args.device]
+                   "--max-length", str(args.max_length), "--device", args.device, "--dtype", args.dtype]
             cmd += [f"--set={item}" for item in args.set or []]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
             if proc.returncode:

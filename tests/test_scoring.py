@@ -1,0 +1,75 @@
+"""minidpo.scoring against plain references: the compact LM head against full-vocabulary log-softmax, the pair
+attention against one sdpa call with the equivalent dense mask."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minidpo import scoring
+
+
+def _full_reference(hidden, weight, bias, labels):
+    logits = hidden @ weight.t() + (0 if bias is None else bias)
+    logp = torch.log_softmax(logits, dim=-1)
+    return (logp.gather(1, labels[:, None])[:, 0], -(logp.exp() * logp).sum(-1), logits.mean(-1),
+            logits.argmax(-1) == labels)
+
+
+@pytest.mark.parametrize("tile_elements", [1 << 24, 3 * 97])  # one tile (probabilities kept) / 3 rows a tile
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_compact_head_matches_full_log_softmax(monkeypatch, tile_elements, with_bias):
+    monkeypatch.setattr(scoring, "_TILE_ELEMENTS", tile_elements)
+    gen = torch.Generator().manual_seed(0)
+    n, hidden_size, vocab = 11, 16, 97
+    tensors = [torch.randn(n, hidden_size, generator=gen, dtype=torch.float64),
+               torch.randn(vocab, hidden_size, generator=gen, dtype=torch.float64),
+               torch.randn(vocab, generator=gen, dtype=torch.float64) if with_bias else None]
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    labels[0] = tensors[2].argmax() if with_bias else labels[0]
+    # ours in float32 (what models train in), the reference in float64
+    ours = [t.float().requires_grad_() if t is not None else None for t in tensors]
+    ref = [t.clone().requires_grad_() if t is not None else None for t in tensors]
+    log_probs, entropy, mean_logits, is_top1 = scoring._ScoredLogProbs.apply(*ours, labels, scoring.COMPACT_FIELDS)
+    ref_log_probs, ref_entropy, ref_mean, ref_top1 = _full_reference(*ref, labels)
+    torch.testing.assert_close(log_probs, ref_log_probs.float())
+    torch.testing.assert_close(entropy, ref_entropy.detach().float())
+    torch.testing.assert_close(mean_logits, ref_mean.detach().float())
+    assert torch.equal(is_top1, ref_top1)
+    weights = torch.randn(n, generator=gen, dtype=torch.float64)
+    (log_probs * weights.float()).sum().backward()
+    (ref_log_probs * weights).sum().backward()
+    for a, b in zip(ours, ref):
+        if a is not None:
+            torch.testing.assert_close(a.grad, b.grad.float())
+
+
+def _dense_pair_mask(layout, width):
+    """The row-level mask the pair attention stands for: chosen causal; rejected sees prompt[:p-1] and itself."""
+    masks = []
+    for lc, p, end in layout:
+        m = torch.zeros(width, width, dtype=torch.bool)
+        m[:end, :end] = torch.ones(end, end, dtype=torch.bool).tril()
+        m[lc:end, p - 1:lc] = False
+        m[end:, :] = False
+        masks.append(m)
+    return torch.stack(masks)[:, None]
+
+
+def test_pair_attention_matches_dense_mask():
+    gen = torch.Generator().manual_seed(1)
+    heads, kv_heads, dim, width = 4, 2, 8, 23
+    layout = ((9, 4, 23), (7, 3, 15), (5, 5, 6))  # (chosen end, shared prefix, row end); last: empty rejected tail
+    q = torch.randn(len(layout), heads, width, dim, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(len(layout), kv_heads, width, dim, generator=gen, dtype=torch.float64) for _ in range(2))
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // kv_heads
+    module.eval()
+    out, _ = scoring.pair_attention(module, q, k, v, None, scaling=0.5, minidpo_pairs=layout)
+    mask = _dense_pair_mask(layout, width)
+    rep = heads // kv_heads
+    expected = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                              attn_mask=mask | ~mask.any(-1, keepdim=True), scale=0.5)
+    expected = expected.transpose(1, 2)
+    for i, (_, _, end) in enumerate(layout):
+        torch.testing.assert_close(out[i, :end], expected[i, :end])
+        assert not out[i, end:].any()  # padding gets zeros, never NaN
