@@ -214,6 +214,7 @@ class _ScoredLogProbs(torch.autograd.Function):
         log_z = hidden.new_empty(n, dtype=torch.float32)
         log_probs, entropy, mean_logits = (log_z.new_empty(n) for _ in range(3))
         is_top1 = torch.empty(n, dtype=torch.bool, device=hidden.device)
+        keep = step >= n and any(ctx.needs_input_grad[:3])  # probabilities for the backward, when one tile holds all
         probs = None
         for s in range(0, n, step):
             e = min(s + step, n)
@@ -224,11 +225,11 @@ class _ScoredLogProbs(torch.autograd.Function):
                 mean_logits[s:e] = logits.mean(dim=-1)
             if "is_top1" in outputs:
                 is_top1[s:e] = logits.argmax(dim=-1) == labels[s:e]
-            if "entropy" in outputs or step >= n:
+            if "entropy" in outputs or keep:
                 probs = torch.softmax(logits, dim=-1)
             if "entropy" in outputs:
                 entropy[s:e] = log_z[s:e] - torch.linalg.vecdot(probs, logits)
-        ctx.save_for_backward(hidden, weight, bias, labels, log_z, probs if step >= n else None)
+        ctx.save_for_backward(hidden, weight, bias, labels, log_z, probs if keep else None)
         ctx.step, ctx.dtype = step, dtype
         ctx.mark_non_differentiable(entropy, mean_logits, is_top1)
         return log_probs, entropy, mean_logits, is_top1

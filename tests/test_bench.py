@@ -60,6 +60,32 @@ def test_shared_prompt_matches_two_sequences(tmp_path):
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=name)
 
 
+def test_one_pair_per_forward_with_accumulation_is_the_same_update(tmp_path):
+    """The bench's minidpo row: batch 1 x accumulation 4 must train exactly like batch 4 (same pairs per step)."""
+    data = [_trl(r) for r in make_preference_records(8, seed=11, multi_turn_fraction=0.5)]
+    tok = build_tokenizer()
+
+    def update(batch, accumulation):
+        policy = build_tiny_model(tok, seed=0)
+        # SGD: the update is the gradient itself (Adam's first step would hide its scale); lr 100 keeps it far above
+        # the float32 rounding of the weights.
+        start = {n: p.detach().clone() for n, p in policy.named_parameters()}
+        args = MiniDPOConfig(output_dir=str(tmp_path / f"b{batch}"), report_to="none", max_length=512, max_steps=2,
+                             per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                             optim="sgd", learning_rate=100.0, lr_scheduler_type="constant", max_grad_norm=0.0,
+                             train_sampling_strategy="sequential", precompute_ref_log_probs=True,
+                             ref_cache_dir=str(tmp_path / "cache"), save_strategy="no", seed=3)
+        trainer = MiniDPOTrainer(policy, args=args, train_dataset=Dataset.from_list(data), processing_class=tok)
+        trainer.train()
+        return {n: p.detach() - start[n] for n, p in trainer.model.named_parameters()}
+
+    together, accumulated = update(4, 1), update(1, 4)
+    for name, delta in together.items():
+        assert delta.abs().max() > 0, name
+        torch.testing.assert_close(accumulated[name], delta, rtol=1e-4, atol=1e-5 * delta.abs().max().item(),
+                                   msg=name)
+
+
 def test_reference_cache_is_reused_across_runs(tmp_path, monkeypatch):
     data = [_trl(r) for r in make_preference_records(6, seed=7)]
     cache = tmp_path / "cache"

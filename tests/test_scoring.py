@@ -35,6 +35,8 @@ def test_compact_head_matches_full_log_softmax(monkeypatch, tile_elements, with_
     torch.testing.assert_close(entropy, ref_entropy.detach().float())
     torch.testing.assert_close(mean_logits, ref_mean.detach().float())
     assert torch.equal(is_top1, ref_top1)
+    with torch.no_grad():  # the reference's forward: nothing kept for a backward, same values
+        torch.testing.assert_close(scoring._ScoredLogProbs.apply(*ours, labels, ("log_probs",))[0], log_probs)
     weights = torch.randn(n, generator=gen, dtype=torch.float64)
     (log_probs * weights.float()).sum().backward()
     (ref_log_probs * weights).sum().backward()
