@@ -15,7 +15,10 @@ Speed, each keeping the loss (tests/test_trainer.py, tests/test_bench.py; script
   - `precompute_ref_log_probs=True`: reference log-probs computed once over length-sorted batches and cached on disk
     under `ref_cache_dir`, keyed by the weights and the encoded pairs, so later runs (sweeps) skip them;
   - `train_sampling_strategy="group_by_length"`: batches of pairs of similar length, less padding;
-  - bf16 autocast also on CPU (`bf16=True` sets `use_cpu`), no activation checkpointing by default.
+  - no activation checkpointing by default; bf16 autocast also on CPU (`bf16=True` sets `use_cpu`), which pays only
+    on CPUs with native bf16 (AVX512-BF16/AMX);
+  - on a CPU, `per_device_train_batch_size=1` with gradient accumulation: no padding, a small working set
+    (README "Performance" has the figures).
 """
 
 from __future__ import annotations

@@ -10,12 +10,13 @@ the summed log-ratios by the completion length) is exactly that objective and sc
 masks score (answer plus `<|im_end|>\\n`); on multi-turn data it would not.
 
 Rows, each run in its own subprocess so their peak memory does not mix:
-  minidpo        MiniDPOTrainer at its best settings (see run_trainer): one pair per forward, `--batch-size` pairs per
+  minidpo        MiniDPOTrainer at its best settings (see make_trainer): one pair per forward, `--batch-size` pairs per
                  optimizer step (gradient accumulation), packed pair rows, precomputed (cold) reference cache
   trl-default    stock `trl.DPOTrainer`, its defaults (gradient checkpointing on, reference forward each step), fp32
   trl-tuned      the same with `precompute_ref_log_probs=True` in the faster compute dtype of the machine: bf16
                  autocast (`use_cpu=True` on CPU) where the measured bf16 matmul peak beats fp32, else fp32
                  (`--dtype` overrides; the minidpo row uses the same dtype)
+  minidpo-warm   (only with --rows) minidpo as a sweep's later run sees it: the reference cache already on disk
   minimind-loop  a loop written from MiniMind's train_dpo.py walkthrough: every sequence padded to max_length, full
                  logits + log_softmax + gather, a reference forward each step, fp32, torch AdamW
 
@@ -54,6 +55,7 @@ SHAPES = {  # hidden, layers, heads, kv heads, intermediate; vocab from the toke
     "minimind2": (768, 16, 8, 2, 2048),
 }
 ROWS = ("minidpo", "trl-default", "trl-tuned", "minimind-loop")
+EXTRA_ROWS = ("minidpo-warm",)  # on request (--rows): minidpo with its reference cache already on disk
 BETA, LR, SEED = 0.1, 1e-4, 0
 
 WORDS = ("the model answer data train loss token policy reference reward preference chosen rejected "
@@ -167,16 +169,16 @@ def _trl_args(cls, out, args, **kw):
     return cls(**{**base, **kw})
 
 
-def run_trainer(name, args, tokenizer, records, policy, out):
+def make_trainer(name, args, tokenizer, records, policy, out):
     from datasets import Dataset
 
-    if name == "minidpo":
+    if name.startswith("minidpo"):
         from minidpo.trainer import MiniDPOConfig, MiniDPOTrainer
 
         # The same pairs per optimizer step as every row, one pair per forward (gradient accumulation): no padding,
         # and a working set that stays in cache.
         best = dict(loss_type=["sigmoid"], length_normalize=True, mask_mode="minimind", bf16=args.dtype == "bf16",
-                    precompute_ref_log_probs=True, ref_cache_dir=str(Path(out) / "ref-cache"),  # cold: timed
+                    precompute_ref_log_probs=True, ref_cache_dir=str(Path(out) / "ref-cache"),  # cold: timed, but minidpo-warm
                     per_device_train_batch_size=1, gradient_accumulation_steps=args.batch_size,
                     precompute_ref_batch_size=1, share_prompt=True, train_sampling_strategy="sequential")
         for item in args.set or []:  # --set key=value: one lever off (or on) at a time
@@ -194,10 +196,8 @@ def run_trainer(name, args, tokenizer, records, policy, out):
         trainer_cls = DPOTrainer
     # A random-init policy has no path TRL could load the reference from: without a precompute, pass a copy.
     ref = None if config.precompute_ref_log_probs else copy.deepcopy(policy)
-    trainer = trainer_cls(policy, ref_model=ref, args=config,
-                          train_dataset=Dataset.from_list([to_trl(r) for r in records]), processing_class=tokenizer)
-    trainer.train()
-    return trainer.model
+    return trainer_cls(policy, ref_model=ref, args=config,
+                       train_dataset=Dataset.from_list([to_trl(r) for r in records]), processing_class=tokenizer)
 
 
 def run_minimind_loop(args, tokenizer, encoded, policy, device):
@@ -262,11 +262,15 @@ def run_row(name, args) -> dict:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
+        if name == "minidpo-warm":  # a sweep's later run: an earlier run (untimed here) filled the reference cache
+            make_trainer(name, args, tokenizer, records, copy.deepcopy(policy), out)
         start, cpu_start = time.perf_counter(), time.process_time()
         if name == "minimind-loop":
             policy = run_minimind_loop(args, tokenizer, encoded, policy, device)
         else:
-            policy = run_trainer(name, args, tokenizer, records, policy, out)
+            trainer = make_trainer(name, args, tokenizer, records, policy, out)
+            trainer.train()
+            policy = trainer.model
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
@@ -312,7 +316,8 @@ def parse(argv=None):
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="compute dtype of the minidpo and trl-tuned rows; auto: the faster matmul of this machine")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    p.add_argument("--rows", default=",".join(ROWS),
+                   help=f"comma-separated subset of {','.join(ROWS + EXTRA_ROWS)}")
     p.add_argument("--json", help="write the rows to this file")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a MiniDPOConfig field of the minidpo row (JSON values), to measure one lever")
@@ -337,9 +342,9 @@ def main(argv=None):
         Path(args._out).write_text(json.dumps(result))
         return
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = set(rows) - set(ROWS)
+    unknown = set(rows) - set(ROWS + EXTRA_ROWS)
     if unknown:
-        sys.exit(f"unknown rows {sorted(unknown)}; choose from {ROWS}")
+        sys.exit(f"unknown rows {sorted(unknown)}; choose from {ROWS + EXTRA_ROWS}")
     n = 1024 if args.shape == "tiny" else 2048
     peaks = {d: matmul_peak(args.device, d, n) for d in ("float32", "bfloat16")}
     if args.dtype == "auto":
