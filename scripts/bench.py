@@ -371,7 +371,7 @@ def main(argv=None):
               f"loss {r['final_loss']:.5f} ({r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} s CPU, load {r['load']:.2f})",
               flush=True)
     base = {r["name"]: r["real_tokens_per_s"] for r in results}
-    print(f"\n| row | real tok/s | peak MB | MFU | final loss | minidpo speedup |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| row | real tok/s | peak MB | MFU | final loss | minidpo speedup |\n| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         speedup = f"{base['minidpo'] / r['real_tokens_per_s']:.2f}x" if "minidpo" in base else "-"
         print(f"| {r['name']} ({r['dtype']}) | {r['real_tokens_per_s']:.0f} | {r['peak_mem_mb']:.0f} | "
