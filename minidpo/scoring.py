@@ -49,19 +49,19 @@ def install_pair_forward(model, length_normalize: bool = True, share_prompt: boo
 
     @functools.wraps(fused_forward)
     def forward(*args, fused_lm_head=False, labels=None, shift_labels=None, **kwargs):
-        if not fused_lm_head or args or shift_labels is not None:
-            return fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
-                                 **kwargs)
-        device = labels.device
-        head = (functools.partial(_compact_head_forward, model, outputs) if compact and device.type not in ("cuda", "xpu")
-                else functools.partial(fused_forward, fused_lm_head=True))
-        packed = _pack_pairs(kwargs, labels) if share_prompt and _can_share(kwargs) else None
-        if packed is None:
-            out = head(labels=labels, **kwargs)
+        if not fused_lm_head:
+            return fused_forward(*args, labels=labels, shift_labels=shift_labels, **kwargs)
+        if args or shift_labels is not None:  # positional inputs, pre-shifted labels (context parallelism): TRL's path
+            out = fused_forward(*args, fused_lm_head=True, labels=labels, shift_labels=shift_labels, **kwargs)
         else:
-            out = _packed_forward(model, head, packed, labels, kwargs)
+            head = (functools.partial(_compact_head_forward, model, outputs)
+                    if compact and labels.device.type not in ("cuda", "xpu")
+                    else functools.partial(fused_forward, fused_lm_head=True))
+            packed = _pack_pairs(kwargs, labels) if share_prompt and _can_share(kwargs) else None
+            out = head(labels=labels, **kwargs) if packed is None else _packed_forward(model, head, packed, labels,
+                                                                                       kwargs)
         if length_normalize:
-            scored = labels[:, 1:] != -100
+            scored = (shift_labels if shift_labels is not None else labels[:, 1:]) != -100
             out.log_probs = out.log_probs / scored.sum(dim=-1, keepdim=True).clamp(min=1)
         return out
 

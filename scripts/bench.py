@@ -180,7 +180,8 @@ def make_trainer(name, args, tokenizer, records, policy, out):
         best = dict(loss_type=["sigmoid"], length_normalize=True, mask_mode="minimind", bf16=args.dtype == "bf16",
                     precompute_ref_log_probs=True, ref_cache_dir=str(Path(out) / "ref-cache"),  # cold: timed, but minidpo-warm
                     per_device_train_batch_size=1, gradient_accumulation_steps=args.batch_size,
-                    precompute_ref_batch_size=1, share_prompt=True, train_sampling_strategy="sequential")
+                    precompute_ref_batch_size=1, share_prompt=True,
+                    train_sampling_strategy="sequential")
         for item in args.set or []:  # --set key=value: one lever off (or on) at a time
             key, value = item.split("=", 1)
             best[key] = json.loads(value) if value[:1] in "0123456789-[{tfn\"" else value

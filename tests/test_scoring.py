@@ -75,3 +75,40 @@ def test_pair_attention_matches_dense_mask():
     for i, (_, _, end) in enumerate(layout):
         torch.testing.assert_close(out[i, :end], expected[i, :end])
         assert not out[i, end:].any()  # padding gets zeros, never NaN
+
+
+def test_every_fused_path_returns_length_averaged_log_probs():
+    """Packed rows with the compact head, TRL's head on pre-shifted labels (context parallelism), and the plain two-row
+    layout all give the same per-token log-probs divided by each sequence's scored-token count."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from minidpo.embedded import build_tiny_model, build_tokenizer
+
+    tok = build_tokenizer()
+    gen = torch.Generator().manual_seed(2)
+    prompt, width = torch.randint(5, 60, (7,), generator=gen), 19
+    rows, labels = [], []
+    for length in (19, 15, 12, 17):  # chosen, chosen, rejected, rejected: same prompt, own answers
+        ids = torch.cat([prompt, torch.randint(5, 60, (length - 7,), generator=gen)])
+        rows.append(torch.nn.functional.pad(ids, (0, width - length), value=tok.pad_token_id))
+        labels.append(torch.cat([torch.full((7,), -100), ids[7:], torch.full((width - length,), -100)]))
+    ids, labels = torch.stack(rows), torch.stack(labels)
+    mask = (labels != -100) | (torch.arange(width) < 7)
+    shifted = torch.cat([labels[:, 1:], torch.full((4, 1), -100)], dim=1)
+
+    def log_probs(share_prompt, **call):
+        model = build_tiny_model(tok, seed=0)
+        add_fused_lm_head(model)
+        scoring.install_pair_forward(model, length_normalize=True, share_prompt=share_prompt)
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask.long(), fused_lm_head=True, **call).log_probs
+
+    two_rows = log_probs(False, labels=labels)
+    counts = (labels[:, 1:] != -100).sum(dim=1)
+    model = build_tiny_model(tok, seed=0)
+    with torch.no_grad():  # the plain model: mean log-prob of each sequence's scored tokens
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1], dim=-1)
+    token_logp = logp.gather(2, labels[:, 1:].clamp(min=0)[..., None])[..., 0] * (labels[:, 1:] != -100)
+    torch.testing.assert_close(two_rows.sum(dim=1), token_logp.sum(dim=1) / counts, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(log_probs(True, labels=labels), two_rows, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(log_probs(False, shift_labels=shifted)[:, :-1], two_rows, rtol=1e-5, atol=1e-6)
