@@ -242,6 +242,7 @@ class _ScoredLogProbs(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
         g = grad_log_probs.float()
+        weight32 = weight.float()  # once, not per tile (a copy when the weights are bf16)
         for s in range(0, hidden.size(0), ctx.step):
             e = min(s + ctx.step, hidden.size(0))
             # d log p(y) / d logits = onehot(y) - softmax
@@ -251,7 +252,7 @@ class _ScoredLogProbs(torch.autograd.Function):
                 grad = _logits(hidden[s:e], weight, bias, ctx.dtype).sub_(log_z[s:e, None]).exp_().mul_(-g[s:e, None])
             grad[torch.arange(e - s, device=grad.device), labels[s:e]] += g[s:e]
             if need_hidden:
-                grad_hidden[s:e] = grad @ weight.float()
+                grad_hidden[s:e] = grad @ weight32
             if need_weight:
                 grad_weight.addmm_(grad.t(), hidden[s:e].float())
             if need_bias:
