@@ -19,6 +19,8 @@ references):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import torch
@@ -31,6 +33,8 @@ PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "
 # What DPOTrainer asks of the policy's fused head (its loss and the entropy / logits / accuracy metrics).
 COMPACT_FIELDS = ("log_probs", "entropy", "mean_logits", "is_top1")
 PAIR_ATTENTION = "minidpo_pair_sdpa"
+# Set by `log_probs_only()`: forwards whose caller reads nothing but the log-probs (the reference precompute).
+_LOG_PROBS_ONLY = contextvars.ContextVar("minidpo_log_probs_only", default=False)
 # [tokens, vocab] elements of one fp32 logits tile in the compact head (64 MiB): bounds its memory for any vocabulary.
 _TILE_ELEMENTS = 1 << 24
 
@@ -54,7 +58,8 @@ def install_pair_forward(model, length_normalize: bool = True, share_prompt: boo
         if args or shift_labels is not None:  # positional inputs, pre-shifted labels (context parallelism): TRL's path
             out = fused_forward(*args, fused_lm_head=True, labels=labels, shift_labels=shift_labels, **kwargs)
         else:
-            head = (functools.partial(_compact_head_forward, model, outputs)
+            fields = ("log_probs",) if _LOG_PROBS_ONLY.get() else outputs
+            head = (functools.partial(_compact_head_forward, model, fields)
                     if compact and labels.device.type not in ("cuda", "xpu")
                     else functools.partial(fused_forward, fused_lm_head=True))
             packed = _pack_pairs(kwargs, labels) if share_prompt and _can_share(kwargs) else None
@@ -66,6 +71,19 @@ def install_pair_forward(model, length_normalize: bool = True, share_prompt: boo
         return out
 
     model.forward = forward
+
+
+@contextlib.contextmanager
+def log_probs_only():
+    """Pair forwards inside compute only `log_probs`, not the metrics (entropy, mean logits, top-1) of the policy.
+
+    The reference precompute runs the policy model and reads nothing else; on CPU the metrics are a third of the
+    compact head's element-wise work."""
+    token = _LOG_PROBS_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _LOG_PROBS_ONLY.reset(token)
 
 
 def _plain_lm_head(model) -> bool:
@@ -215,20 +233,23 @@ class _ScoredLogProbs(torch.autograd.Function):
         log_probs, entropy, mean_logits = (log_z.new_empty(n) for _ in range(3))
         is_top1 = torch.empty(n, dtype=torch.bool, device=hidden.device)
         keep = step >= n and any(ctx.needs_input_grad[:3])  # probabilities for the backward, when one tile holds all
+        recompute = any(ctx.needs_input_grad[:3]) and not keep
         probs = None
         for s in range(0, n, step):
             e = min(s + step, n)
             logits = _logits(hidden[s:e], weight, bias, dtype)
-            log_z[s:e] = torch.logsumexp(logits, dim=-1)
-            log_probs[s:e] = logits.gather(1, labels[s:e, None])[:, 0] - log_z[s:e]
+            log_softmax = torch.log_softmax(logits, dim=-1)  # one fused pass; logsumexp alone takes more
+            log_probs[s:e] = log_softmax.gather(1, labels[s:e, None])[:, 0]
+            if recompute:
+                log_z[s:e] = torch.logsumexp(logits, dim=-1)
             if "mean_logits" in outputs:
                 mean_logits[s:e] = logits.mean(dim=-1)
             if "is_top1" in outputs:
-                is_top1[s:e] = logits.argmax(dim=-1) == labels[s:e]
+                is_top1[s:e] = _is_top1(logits, labels[s:e])
             if "entropy" in outputs or keep:
-                probs = torch.softmax(logits, dim=-1)
+                probs = log_softmax.exp()
             if "entropy" in outputs:
-                entropy[s:e] = log_z[s:e] - torch.linalg.vecdot(probs, logits)
+                entropy[s:e] = -torch.linalg.vecdot(probs, log_softmax)
         ctx.save_for_backward(hidden, weight, bias, labels, log_z, probs if keep else None)
         ctx.step, ctx.dtype = step, dtype
         ctx.mark_non_differentiable(entropy, mean_logits, is_top1)
@@ -239,7 +260,7 @@ class _ScoredLogProbs(torch.autograd.Function):
         hidden, weight, bias, labels, log_z, probs = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_weight = None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
         g = grad_log_probs.float()
         weight32 = weight.float()  # once, not per tile (a copy when the weights are bf16)
@@ -254,11 +275,23 @@ class _ScoredLogProbs(torch.autograd.Function):
             if need_hidden:
                 grad_hidden[s:e] = grad @ weight32
             if need_weight:
-                grad_weight.addmm_(grad.t(), hidden[s:e].float())
+                grad_weight = (grad.t() @ hidden[s:e].float() if grad_weight is None
+                               else grad_weight.addmm_(grad.t(), hidden[s:e].float()))
             if need_bias:
                 grad_bias += grad.sum(dim=0)
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
                 None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
+
+
+def _is_top1(logits, labels):
+    """`logits.argmax(-1) == labels` without an argmax over every row: only rows whose label reaches the row's
+    maximum can be top-1, and only those need the argmax (which settles ties the way argmax does)."""
+    label_logits = logits.gather(1, labels[:, None])[:, 0]
+    top1 = label_logits >= logits.amax(dim=-1)
+    rows = top1.nonzero()[:, 0]
+    if rows.numel():
+        top1[rows] = logits[rows].argmax(dim=-1) == labels[rows]
+    return top1
 
 
 def _logits(hidden, weight, bias, dtype):

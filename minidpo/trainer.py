@@ -39,7 +39,7 @@ from trl.models import prepare_deepspeed
 from trl.trainer.utils import pad
 
 from .masking import MASK_MODES, encode_pair, is_scorable
-from .scoring import COMPACT_FIELDS, install_pair_forward
+from .scoring import COMPACT_FIELDS, install_pair_forward, log_probs_only
 
 logger = logging.get_logger(__name__)
 
@@ -247,13 +247,14 @@ class MiniDPOTrainer(DPOTrainer):
         # the ones out of batches repeat one whose result is dropped.
         steps = -(-len(batches) // world)
         results = []
-        for step in range(steps):
-            idx = mine[step] if step < len(mine) else batches[0]
-            batch = self.data_collator([dataset[i] for i in idx])
-            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-            chosen, rejected = self.compute_ref_log_probs(model, batch)
-            if step < len(mine):
-                results.append((idx, torch.stack([chosen, rejected], dim=1).float().cpu()))
+        with log_probs_only():  # the policy model scores the reference here: TRL reads nothing but the log-probs
+            for step in range(steps):
+                idx = mine[step] if step < len(mine) else batches[0]
+                batch = self.data_collator([dataset[i] for i in idx])
+                batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+                chosen, rejected = self.compute_ref_log_probs(model, batch)
+                if step < len(mine):
+                    results.append((idx, torch.stack([chosen, rejected], dim=1).float().cpu()))
         logps = torch.full((len(dataset), 2), float("nan"))
         for idx, values in gather_object(results) if world > 1 else results:
             logps[idx] = values

@@ -45,6 +45,44 @@ def test_compact_head_matches_full_log_softmax(monkeypatch, tile_elements, with_
             torch.testing.assert_close(a.grad, b.grad.float())
 
 
+def test_compact_head_top1_settles_ties_like_argmax():
+    """Equal logits (duplicate vocabulary rows; common once logits are rounded to bf16): a label is top-1 only when
+    argmax picks it, i.e. it is the first index reaching the maximum."""
+    gen = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(6, 8, generator=gen), torch.randn(10, 8, generator=gen)
+    top = (hidden @ weight.t()).argmax(dim=-1)
+    weight = torch.cat([weight, weight[top]])  # row 10 + i repeats each row's top-1: ties at the maximum
+    labels = torch.tensor([top[0], 10, 11, top[3], 14, 0])
+    fields = scoring._ScoredLogProbs.apply(hidden, weight, None, labels, scoring.COMPACT_FIELDS)
+    expected = (hidden @ weight.t()).argmax(dim=-1) == labels
+    assert torch.equal(fields[3], expected)
+    assert expected.any() and not expected.all()
+
+
+def test_log_probs_only_skips_the_metrics_not_the_values():
+    """The reference precompute scores with the policy's head: inside `log_probs_only` it gets the same log-probs
+    and no metrics."""
+    from minidpo.embedded import build_tiny_model, build_tokenizer
+
+    tok = build_tokenizer()
+    model = build_tiny_model(tok, seed=0)
+    from trl.trainer.utils import add_fused_lm_head
+
+    add_fused_lm_head(model, outputs=scoring.COMPACT_FIELDS)
+    scoring.install_pair_forward(model, share_prompt=True, outputs=scoring.COMPACT_FIELDS)
+    ids = torch.randint(5, 60, (2, 9), generator=torch.Generator().manual_seed(4))
+    ids[1, :4] = ids[0, :4]
+    labels = ids.clone()
+    labels[:, :4] = -100
+    call = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, fused_lm_head=True)
+    with torch.no_grad():
+        full = model(**call)
+        with scoring.log_probs_only():
+            lean = model(**call)
+    torch.testing.assert_close(lean.log_probs, full.log_probs)
+    assert full.entropy is not None and lean.entropy is None
+
+
 def _dense_pair_mask(layout, width):
     """The row-level mask the pair attention stands for: chosen causal; rejected sees prompt[:p-1] and itself."""
     masks = []
