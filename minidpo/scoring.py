@@ -13,7 +13,7 @@ references):
     half instead of computing and masking it;
   - compact head on devices without Triton: TRL's fused head scores every position there (its Triton kernels only
     exist for CUDA/XPU) with a dozen elementwise passes over each [tokens, vocab] tile. `_ScoredLogProbs` projects
-    only the scored positions and folds each tile in one logsumexp. CPU, 512 hidden, 6400 vocab, one 690-token pair
+    only the scored positions and folds each tile in one log-softmax. CPU, 512 hidden, 6400 vocab, one 690-token pair
     row (560 scored): forward + backward 126 ms -> 65 ms.
 """
 
