@@ -9,8 +9,9 @@ references):
     sequence becomes the mean MiniMind uses (`length_normalize`);
   - packed pair rows (`share_prompt`): a pair runs as one row holding its shared prompt once, then the chosen
     answer, then the rejected answer. `pair_attention` runs it as two attention calls per row (chosen: plain causal;
-    rejected: the prompt plus itself, causally), so no square block mask is built and causal kernels skip the upper
-    half instead of computing and masking it;
+    rejected: the prompt plus itself, causally), so no square block mask is built: the two calls cover ~40% fewer
+    query-key pairs than one square masked call (the CPU flash kernel computes a causal call up to 512 keys in
+    full; longer ones and GPU kernels also skip the upper half);
   - compact head on devices without Triton: TRL's fused head scores every position there (its Triton kernels only
     exist for CUDA/XPU) with a dozen elementwise passes over each [tokens, vocab] tile. `_ScoredLogProbs` projects
     only the scored positions and folds each tile in one log-softmax. CPU, 512 hidden, 6400 vocab, one 690-token pair
