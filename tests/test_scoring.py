@@ -62,12 +62,11 @@ def test_compact_head_top1_settles_ties_like_argmax():
 def test_log_probs_only_skips_the_metrics_not_the_values():
     """The reference precompute scores with the policy's head: inside `log_probs_only` it gets the same log-probs
     and no metrics."""
-    from minidpo.embedded import build_tiny_model, build_tokenizer
-
-    tok = build_tokenizer()
-    model = build_tiny_model(tok, seed=0)
     from trl.trainer.utils import add_fused_lm_head
 
+    from minidpo.embedded import build_tiny_model, build_tokenizer
+
+    model = build_tiny_model(build_tokenizer(), seed=0)
     add_fused_lm_head(model, outputs=scoring.COMPACT_FIELDS)
     scoring.install_pair_forward(model, share_prompt=True, outputs=scoring.COMPACT_FIELDS)
     ids = torch.randint(5, 60, (2, 9), generator=torch.Generator().manual_seed(4))
