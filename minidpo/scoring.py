@@ -50,7 +50,7 @@ def install_pair_forward(model, length_normalize: bool = True, share_prompt: boo
     fused_forward = model.forward
     # Packed rows need the pair attention, built on sdpa: flash-attention and other kernels keep the two-row layout.
     share_prompt = share_prompt and model.config._attn_implementation in ("sdpa", "eager")
-    compact = set(outputs) <= set(COMPACT_FIELDS) and _plain_lm_head(model)
+    plain_head = _plain_lm_head(model)
 
     @functools.wraps(fused_forward)
     def forward(*args, fused_lm_head=False, labels=None, shift_labels=None, **kwargs):
@@ -60,8 +60,8 @@ def install_pair_forward(model, length_normalize: bool = True, share_prompt: boo
             out = fused_forward(*args, fused_lm_head=True, labels=labels, shift_labels=shift_labels, **kwargs)
         else:
             fields = ("log_probs",) if _LOG_PROBS_ONLY.get() else outputs
-            head = (functools.partial(_compact_head_forward, model, fields)
-                    if compact and labels.device.type not in ("cuda", "xpu")
+            compact = plain_head and set(fields) <= set(COMPACT_FIELDS) and labels.device.type not in ("cuda", "xpu")
+            head = (functools.partial(_compact_head_forward, model, fields) if compact
                     else functools.partial(fused_forward, fused_lm_head=True))
             packed = _pack_pairs(kwargs, labels) if share_prompt and _can_share(kwargs) else None
             out = head(labels=labels, **kwargs) if packed is None else _packed_forward(model, head, packed, labels,
@@ -192,6 +192,8 @@ def pair_attention(module, query, key, value, attention_mask, dropout=0.0, scali
                           torch.cat([v[:, :, :p - 1], v[:, :, lc:end]], dim=2), attn_mask=sees)
         rows.append(torch.cat([chosen, rejected, query.new_zeros(1, query.size(1), width - end, value.size(-1))],
                               dim=2))
+    # Concatenated in sdpa's layout, transposed once: writing each part into a [batch, width, heads, dim] buffer
+    # instead measured 0.5 ms a layer slower (fwd + bwd), the backward then reading transposed gradients.
     return torch.cat(rows).transpose(1, 2).contiguous(), None
 
 

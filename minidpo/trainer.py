@@ -10,8 +10,8 @@ What changes against stock TRL, and nothing else:
 
 Speed, each keeping the loss (tests/test_trainer.py, tests/test_bench.py; scripts/bench.py measures them):
   - `share_prompt=True`: chosen and rejected share their prompt, so each pair runs as one row, prompt once, the
-    rejected answer attending to the prompt and itself only (`minidpo.scoring`); on devices without Triton the
-    LM head projects only the scored positions (`minidpo.scoring`);
+    rejected answer attending to the prompt and itself only; on devices without Triton the LM head projects only
+    the scored positions (both in `minidpo.scoring`);
   - `precompute_ref_log_probs=True`: reference log-probs computed once over length-sorted batches and cached on disk
     under `ref_cache_dir`, keyed by the weights and the encoded pairs, so later runs (sweeps) skip them;
   - `train_sampling_strategy="group_by_length"`: batches of pairs of similar length, less padding;

@@ -176,9 +176,10 @@ def make_trainer(name, args, tokenizer, records, policy, out):
         from minidpo.trainer import MiniDPOConfig, MiniDPOTrainer
 
         # The same pairs per optimizer step as every row, one pair per forward (gradient accumulation): no padding,
-        # and a working set that stays in cache.
+        # and a working set that stays in cache. The reference cache starts empty (its precompute is timed) except
+        # for minidpo-warm, where an untimed earlier run filled it.
         best = dict(loss_type=["sigmoid"], length_normalize=True, mask_mode="minimind", bf16=args.dtype == "bf16",
-                    precompute_ref_log_probs=True, ref_cache_dir=str(Path(out) / "ref-cache"),  # cold: timed, but minidpo-warm
+                    precompute_ref_log_probs=True, ref_cache_dir=str(Path(out) / "ref-cache"),
                     per_device_train_batch_size=1, gradient_accumulation_steps=args.batch_size,
                     precompute_ref_batch_size=1, share_prompt=True,
                     train_sampling_strategy="sequential")

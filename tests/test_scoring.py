@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 from minidpo import scoring
 
+_compact_head_forward = scoring._compact_head_forward
+
 
 def _full_reference(hidden, weight, bias, labels):
     logits = hidden @ weight.t() + (0 if bias is None else bias)
@@ -59,16 +61,20 @@ def test_compact_head_top1_settles_ties_like_argmax():
     assert expected.any() and not expected.all()
 
 
-def test_log_probs_only_skips_the_metrics_not_the_values():
+@pytest.mark.parametrize("outputs", [scoring.COMPACT_FIELDS, scoring.COMPACT_FIELDS + ("log_sum_sq_probs",)])
+def test_log_probs_only_skips_the_metrics_not_the_values(monkeypatch, outputs):
     """The reference precompute scores with the policy's head: inside `log_probs_only` it gets the same log-probs
-    and no metrics."""
+    and no metrics, from the compact head even when the policy's own fields (WPO's) need TRL's."""
     from trl.trainer.utils import add_fused_lm_head
 
     from minidpo.embedded import build_tiny_model, build_tokenizer
 
     model = build_tiny_model(build_tokenizer(), seed=0)
-    add_fused_lm_head(model, outputs=scoring.COMPACT_FIELDS)
-    scoring.install_pair_forward(model, share_prompt=True, outputs=scoring.COMPACT_FIELDS)
+    add_fused_lm_head(model, outputs=outputs)
+    scoring.install_pair_forward(model, share_prompt=True, outputs=outputs)
+    compact_calls = []
+    monkeypatch.setattr(scoring, "_compact_head_forward",
+                        lambda *a, **k: compact_calls.append(a[1]) or _compact_head_forward(*a, **k))
     ids = torch.randint(5, 60, (2, 9), generator=torch.Generator().manual_seed(4))
     ids[1, :4] = ids[0, :4]
     labels = ids.clone()
@@ -80,6 +86,7 @@ def test_log_probs_only_skips_the_metrics_not_the_values():
             lean = model(**call)
     torch.testing.assert_close(lean.log_probs, full.log_probs)
     assert full.entropy is not None and lean.entropy is None
+    assert compact_calls[-1] == ("log_probs",)
 
 
 def _dense_pair_mask(layout, width):
