@@ -29,6 +29,10 @@ Columns:
                reference forward), attention score FLOPs and padding not counted
   final loss   the same fp32 loss function (full logits, length-averaged, beta 0.1) evaluated after training on all
                trained pairs, trained policy against the initial model; outside the timed region
+  loss - parity row   against minimind-loop (else trl-default): a row off by more than LOSS_TOLERANCE of its dtype
+               (fp32 1e-5, bf16 5e-4) is named and the bench exits 1
+
+MFU can pass 100% for minidpo: prefix sharing computes the shared prompt once while real tokens count it twice.
 """
 
 from __future__ import annotations
@@ -56,6 +60,11 @@ SHAPES = {  # hidden, layers, heads, kv heads, intermediate; vocab from the toke
 }
 ROWS = ("minidpo", "trl-default", "trl-tuned", "minimind-loop")
 EXTRA_ROWS = ("minidpo-warm",)  # on request (--rows): minidpo with its reference cache already on disk
+PARITY_ROWS = ("minimind-loop", "trl-default")  # fp32 rows the others' final loss is checked against, first present
+# |final loss - the parity row's| allowed, by the row's compute dtype. Measured on minimind2-small, 8 steps: fp32 6e-8
+# (summation order), bf16 autocast 8e-6 (minidpo and trl-tuned alike), while summed instead of length-averaged
+# log-ratios land 2.7e-3 away (tiny, 2 steps: 0, 2e-6 and 8e-5).
+LOSS_TOLERANCE = {"fp32": 1e-5, "bf16": 5e-4}
 BETA, LR, SEED = 0.1, 1e-4, 0
 
 WORDS = ("the model answer data train loss token policy reference reward preference chosen rejected "
@@ -337,6 +346,16 @@ def _cuda() -> bool:
         return False
 
 
+def loss_parity(results: list[dict]) -> tuple[dict | None, list[str]]:
+    """The parity row (the first of PARITY_ROWS that ran) and the rows whose final loss is off it by more than
+    LOSS_TOLERANCE of their compute dtype."""
+    parity = next((r for name in PARITY_ROWS for r in results if r["name"] == name), None)
+    if parity is None:
+        return None, []
+    return parity, [r["name"] for r in results
+                    if abs(r["final_loss"] - parity["final_loss"]) > LOSS_TOLERANCE[r["dtype"]]]
+
+
 def main(argv=None):
     args = parse(argv)
     if args._row:  # child: one row, its result as JSON
@@ -373,14 +392,23 @@ def main(argv=None):
               f"loss {r['final_loss']:.5f} ({r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} s CPU, load {r['load']:.2f})",
               flush=True)
     base = {r["name"]: r["real_tokens_per_s"] for r in results}
-    print("\n| row | real tok/s | peak MB | MFU | final loss | minidpo speedup |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    parity, off = loss_parity(results)
+    print("\n| row | real tok/s | peak MB | MFU | final loss | loss - parity row | minidpo speedup |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         speedup = f"{base['minidpo'] / r['real_tokens_per_s']:.2f}x" if "minidpo" in base else "-"
+        delta = "-" if parity is None else f"{r['final_loss'] - parity['final_loss']:+.1e}"
         print(f"| {r['name']} ({r['dtype']}) | {r['real_tokens_per_s']:.0f} | {r['peak_mem_mb']:.0f} | "
-              f"{100 * r['mfu']:.1f}% | {r['final_loss']:.5f} | {speedup} |")
+              f"{100 * r['mfu']:.1f}% | {r['final_loss']:.5f} | {delta} | {speedup} |")
     if args.json:
         keys = ("name", "real_tokens_per_s", "peak_mem_mb", "mfu", "final_loss")
         Path(args.json).write_text(json.dumps([{k: r[k] for k in keys} for r in results], indent=1))
+    if parity is not None:
+        bound = ", ".join(f"{dtype} {tol:.0e}" for dtype, tol in LOSS_TOLERANCE.items())
+        print(f"\nfinal loss against {parity['name']}: " + (f"every row within tolerance ({bound})" if not off else
+              f"OUT OF TOLERANCE ({bound}): {', '.join(off)}"))
+        if off:  # speed bought with a different objective is no speed
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """scripts/bench.py runs end to end, and the speed levers of MiniDPOTrainer keep the loss."""
 
+import importlib.util
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from datasets import Dataset
 
@@ -26,8 +28,50 @@ def test_bench_smoke(tmp_path):
     for r in rows:
         assert set(r) == {"name", "real_tokens_per_s", "peak_mem_mb", "mfu", "final_loss"}
         assert r["real_tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 and 0 < r["mfu"] < 1
-        assert abs(r["final_loss"] - rows[0]["final_loss"]) < 2e-3, rows  # one objective, two steps from log 2
     assert re.search(r"^\| minidpo \((fp32|bf16)\) \| \d+ \|", proc.stdout, re.M), proc.stdout
+    assert "final loss against minimind-loop: every row within tolerance" in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_bf16_rows_keep_the_loss():
+    """bf16 autocast (the tuned rows' dtype on CPUs with native bf16) against the fp32 loop, forced on any CPU."""
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--shape", "tiny", "--steps", "2",
+                           "--max-length", "128", "--device", "cpu", "--dtype", "bf16",
+                           "--rows", "minidpo,minimind-loop"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert re.search(r"^\| minidpo \(bf16\) \|", proc.stdout, re.M), proc.stdout
+    assert "final loss against minimind-loop: every row within tolerance" in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_fails_a_row_trained_on_another_objective():
+    """Summed instead of length-averaged log-ratios: a different objective, whatever its speed."""
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--shape", "tiny", "--steps", "2",
+                           "--max-length", "128", "--device", "cpu", "--rows", "minidpo,minimind-loop",
+                           "--set", "length_normalize=false"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert re.search(r"^final loss against minimind-loop: OUT OF TOLERANCE .*: minidpo$", proc.stdout, re.M), proc.stdout
+
+
+def test_loss_parity_names_the_rows_off_their_dtype_tolerance():
+    bench = _load_bench()
+    fp32, bf16 = bench.LOSS_TOLERANCE["fp32"], bench.LOSS_TOLERANCE["bf16"]
+    assert fp32 < bf16
+    row = lambda name, dtype, loss: {"name": name, "dtype": dtype, "final_loss": loss}  # noqa: E731
+    rows = [row("minidpo", "bf16", 0.5 + (fp32 + bf16) / 2), row("trl-default", "fp32", 0.5 + 2 * fp32),
+            row("trl-tuned", "fp32", 0.5 - fp32 / 2), row("minimind-loop", "fp32", 0.5)]
+    parity, off = bench.loss_parity(rows)
+    assert parity["name"] == "minimind-loop" and off == ["trl-default"]
+    parity, off = bench.loss_parity(rows[:3])  # no loop: stock TRL's fp32 row is the reference
+    assert parity["name"] == "trl-default" and off == ["trl-tuned"]
+    assert bench.loss_parity(rows[:1]) == (None, [])
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _trl(record):
