@@ -17,40 +17,42 @@ from minidpo.trainer import MiniDPOConfig, MiniDPOTrainer
 REPO = Path(__file__).resolve().parents[1]
 
 
+WITHIN_TOLERANCE = "final loss against minimind-loop: every row within tolerance"
+
+
+def _bench(*args: str, rc: int = 0) -> str:
+    """stdout of a tiny two-step bench run, which must exit with `rc`."""
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--shape", "tiny", "--steps", "2",
+                           "--max-length", "128", "--device", "cpu", *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == rc, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
 def test_bench_smoke(tmp_path):
     out = tmp_path / "rows.json"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--shape", "tiny", "--steps", "2",
-                           "--max-length", "128", "--device", "cpu", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    stdout = _bench("--json", str(out))
     rows = json.loads(out.read_text())
     assert [r["name"] for r in rows] == ["minidpo", "trl-default", "trl-tuned", "minimind-loop"]
     for r in rows:
         assert set(r) == {"name", "real_tokens_per_s", "peak_mem_mb", "mfu", "final_loss"}
         assert r["real_tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 and 0 < r["mfu"] < 1
-    assert re.search(r"^\| minidpo \((fp32|bf16)\) \| \d+ \|", proc.stdout, re.M), proc.stdout
-    assert "final loss against minimind-loop: every row within tolerance" in proc.stdout, proc.stdout
+    assert re.search(r"^\| minidpo \((fp32|bf16)\) \| \d+ \|", stdout, re.M), stdout
+    assert WITHIN_TOLERANCE in stdout, stdout
 
 
 @pytest.mark.slow
 def test_bench_bf16_rows_keep_the_loss():
     """bf16 autocast (the tuned rows' dtype on CPUs with native bf16) against the fp32 loop, forced on any CPU."""
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--shape", "tiny", "--steps", "2",
-                           "--max-length", "128", "--device", "cpu", "--dtype", "bf16",
-                           "--rows", "minidpo,minimind-loop"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert re.search(r"^\| minidpo \(bf16\) \|", proc.stdout, re.M), proc.stdout
-    assert "final loss against minimind-loop: every row within tolerance" in proc.stdout, proc.stdout
+    stdout = _bench("--dtype", "bf16", "--rows", "minidpo,minimind-loop")
+    assert re.search(r"^\| minidpo \(bf16\) \|", stdout, re.M), stdout
+    assert WITHIN_TOLERANCE in stdout, stdout
 
 
 @pytest.mark.slow
 def test_bench_fails_a_row_trained_on_another_objective():
     """Summed instead of length-averaged log-ratios: a different objective, whatever its speed."""
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--shape", "tiny", "--steps", "2",
-                           "--max-length", "128", "--device", "cpu", "--rows", "minidpo,minimind-loop",
-                           "--set", "length_normalize=false"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert re.search(r"^final loss against minimind-loop: OUT OF TOLERANCE .*: minidpo$", proc.stdout, re.M), proc.stdout
+    stdout = _bench("--rows", "minidpo,minimind-loop", "--set", "length_normalize=false", rc=1)
+    assert re.search(r"^final loss against minimind-loop: OUT OF TOLERANCE .*: minidpo$", stdout, re.M), stdout
 
 
 def test_loss_parity_names_the_rows_off_their_dtype_tolerance():
