@@ -277,11 +277,12 @@ def run_row(name, args) -> dict:
             make_trainer(name, args, tokenizer, records, copy.deepcopy(policy), out)
         start, cpu_start = time.perf_counter(), time.process_time()
         if name == "minimind-loop":
-            policy = run_minimind_loop(args, tokenizer, encoded, policy, device)
+            policy, dtype = run_minimind_loop(args, tokenizer, encoded, policy, device), "fp32"
         else:
             trainer = make_trainer(name, args, tokenizer, records, policy, out)
             trainer.train()
-            policy = trainer.model
+            # what the row ran in (also under --set bf16=...), which picks its loss tolerance
+            policy, dtype = trainer.model, "bf16" if trainer.args.bf16 else "fp32"
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
@@ -293,7 +294,7 @@ def run_row(name, args) -> dict:
     ref = build_model(tokenizer, args.shape).to(device).eval()
     return {"name": name, "seconds": seconds, "cpu_seconds": cpu_seconds, "real_tokens": real_tokens,
             "n_params": n_params, "real_tokens_per_s": real_tokens / seconds, "peak_mem_mb": peak_mb,
-            "dtype": "fp32" if name in ("trl-default", "minimind-loop") else args.dtype,
+            "dtype": dtype,
             "final_loss": final_loss(policy, ref, encoded, device)}
 
 
