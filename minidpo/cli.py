@@ -1,41 +1,47 @@
-"""`minidpo` command line: each subcommand is a thin layer over one module's functions.
+"""`minidpo` command line (the console entry point): picks a subcommand, parses its flags, runs it.
 
-A subcommand is `(module, add_arguments, run, help)`: `add_arguments(parser)` declares its flags and
-`run(args) -> int` does the work. `run` alone (no `add_arguments`) takes the raw argv list instead, for
-commands whose flags are dataclass configs parsed by `trl.TrlParser` (training).
-Only the chosen subcommand's module is imported, so `minidpo convert` never pays for importing TRL.
+Each subcommand is a module with `make_parser()` and `main(...)` (TRL's script style): `minidpo.train` for
+training, `minidpo.commands.*` for the rest. Only the chosen module is imported, so `minidpo convert` never pays
+for importing TRL. A `minidpo.errors.UserError` becomes one line on stderr and exit status 2.
 """
 
-import argparse
 import importlib
 import sys
 
+from minidpo.errors import exit_status
+
+# name -> the module that runs it
 COMMANDS = {
-    "quickstart": ("minidpo.quickstart", "add_arguments", "run",
-                   "run the whole pipeline on the embedded tiny model and data (no downloads)"),
-    "train": ("minidpo.train", None, "run", "train with MiniDPOTrainer (same as minidpo/train.py)"),
-    "convert": ("minidpo.data", "add_convert_arguments", "convert_command",
-                "convert MiniMind dpo.jsonl into TRL prompt/chosen/rejected records"),
-    "report-data": ("minidpo.reports", "add_report_data_arguments", "report_data_command",
-                    "report on a preference set: counts, lengths, length bias, truncation (report.md + plots)"),
-    "eval": ("minidpo.evaluate", "add_arguments", "run",
-             "reward accuracy and margins of a trained model against its reference; optional side-by-side answers"),
-    "import-minimind": ("minidpo.minimind", "add_import_arguments", "import_command",
-                        "turn a MiniMind *.pth checkpoint into a Transformers model folder"),
-    "export-minimind": ("minidpo.minimind", "add_export_arguments", "export_command",
-                        "write a model folder (or LoRA adapter, merged) as a MiniMind *.pth checkpoint"),
+    "quickstart": "minidpo.commands.quickstart",
+    "train": "minidpo.train",
+    "convert": "minidpo.commands.convert",
+    "report-data": "minidpo.commands.report_data",
+    "eval": "minidpo.commands.evaluate",
+    "import-minimind": "minidpo.commands.import_minimind",
+    "export-minimind": "minidpo.commands.export_minimind",
 }
 
 
-class UserError(Exception):
-    """An error the user can act on: printed as one clear message, never as a stack trace."""
+def _help(name: str) -> str:
+    from minidpo import commands
+
+    # minidpo.train imports TRL (seconds): its help line lives in minidpo.commands instead
+    module = COMMANDS[name]
+    return commands.TRAIN_HELP if module == "minidpo.train" else importlib.import_module(module).HELP
 
 
 def _usage() -> str:
     lines = ["usage: minidpo COMMAND [options]", "", "commands:"]
-    lines += [f"  {name:<16} {spec[3]}" for name, spec in COMMANDS.items()]
+    lines += [f"  {name:<16} {_help(name)}" for name in COMMANDS]
     lines += ["", "Run `minidpo COMMAND --help` for a command's options."]
     return "\n".join(lines)
+
+
+def _run(module, argv) -> int:
+    parser = module.make_parser()
+    if hasattr(parser, "parse_args_and_config"):  # TrlParser: dataclass configs, YAML through --config
+        return module.main(*parser.parse_args_and_config(args=argv))
+    return module.main(parser.parse_args(argv))
 
 
 def main(argv=None) -> int:
@@ -47,25 +53,9 @@ def main(argv=None) -> int:
     if name not in COMMANDS:
         print(f"minidpo: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module_name, add_name, run_name, help_text = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    try:
-        if add_name is None:
-            return int(getattr(module, run_name)(rest) or 0)
-        parser = argparse.ArgumentParser(prog=f"minidpo {name}", description=help_text)
-        getattr(module, add_name)(parser)
-        return int(getattr(module, run_name)(parser.parse_args(rest)) or 0)
-    except UserError as e:
-        print(f"minidpo {name}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"minidpo {name}: interrupted", file=sys.stderr)
-        return 130
+    module = importlib.import_module(COMMANDS[name])
+    return exit_status(f"minidpo {name}", lambda: _run(module, rest))
 
 
 if __name__ == "__main__":
-    # Under `python -m minidpo.cli` this file is `__main__`; run the package's copy so that the UserError the
-    # subcommands raise (minidpo.cli.UserError) is the one caught.
-    from minidpo.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -27,17 +27,10 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 
+from minidpo.errors import RecordError, UserError
+
 MASK_MODES = ("minimind", "last-turn")
 SIDES = ("chosen", "rejected")
-
-
-class MaskingError(ValueError):
-    """The tokenizer or its chat template cannot be used to score assistant tokens."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -55,6 +48,7 @@ class _Scheme:
     eos_ids: tuple[int, ...] | None
 
 
+# tokenizer -> (what the scheme was derived from, scheme): recomputed when the template or markers change
 _SCHEMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -63,18 +57,21 @@ def render(messages: list[dict], tokenizer, add_generation_prompt: bool = False)
 
 
 def _scheme(tokenizer) -> _Scheme:
+    source = (getattr(tokenizer, "chat_template", None), tokenizer.bos_token, tokenizer.eos_token)
     try:
-        return _SCHEMES[tokenizer]
+        cached_source, scheme = _SCHEMES[tokenizer]
+        if cached_source == source:
+            return scheme
     except (KeyError, TypeError):
         pass
     if not getattr(tokenizer, "chat_template", None):
-        raise MaskingError(
+        raise RecordError(
             "no_chat_template",
             f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; minidpo renders "
             "conversations with it. Use a chat/instruct tokenizer, or set `tokenizer.chat_template`.",
         )
     if not getattr(tokenizer, "is_fast", False):
-        raise MaskingError("slow_tokenizer", "minidpo needs a fast (Rust) tokenizer for exact token offsets.")
+        raise RecordError("slow_tokenizer", "minidpo needs a fast (Rust) tokenizer for exact token offsets.")
     bos, eos = tokenizer.bos_token, tokenizer.eos_token
     scheme = _Scheme(None, None)
     if bos and eos:
@@ -85,7 +82,7 @@ def _scheme(tokenizer) -> _Scheme:
             ids = lambda s: tuple(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
             scheme = _Scheme(ids(f"{bos}assistant\n"), ids(f"{eos}\n"))
     try:
-        _SCHEMES[tokenizer] = scheme
+        _SCHEMES[tokenizer] = (source, scheme)
     except TypeError:
         pass
     return scheme
@@ -94,6 +91,20 @@ def _scheme(tokenizer) -> _Scheme:
 def uses_minimind_markers(tokenizer) -> bool:
     """True when "minimind" mode runs MiniMind's own marker search on this tokenizer."""
     return _scheme(tokenizer).bos_ids is not None
+
+
+_PROBE = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello"}],
+          "rejected": [{"role": "assistant", "content": "Go away"}]}
+
+
+def check_tokenizer(tokenizer, max_length: int | None = None, mask_mode: str = "minimind") -> bool:
+    """`uses_minimind_markers(tokenizer)`, after encoding one plain pair with it: UserError, before any record is
+    read, when the tokenizer cannot score assistant tokens at all (no chat template, slow tokenizer, ...)."""
+    try:
+        diagnose_pair(_PROBE, tokenizer, max_length=max_length, mask_mode=mask_mode)
+        return uses_minimind_markers(tokenizer)
+    except RecordError as e:
+        raise UserError(f"this tokenizer cannot be used ({e.code}): {e.message}", code="bad_tokenizer") from None
 
 
 def _find(ids: list[int], pattern: tuple[int, ...], start: int) -> int:
@@ -141,7 +152,7 @@ def assistant_char_spans(messages: list[dict], tokenizer) -> tuple[str, list[tup
         head = render(messages[:k], tokenizer, add_generation_prompt=True)
         upto = render(messages[: k + 1], tokenizer)
         if not (upto.startswith(head) and text.startswith(upto)):
-            raise MaskingError(
+            raise RecordError(
                 "template_not_prefix_stable",
                 "the chat template renders earlier turns differently once later turns are added (e.g. it drops "
                 "reasoning from past turns), so assistant spans cannot be located exactly. Use "
@@ -214,7 +225,7 @@ def _encode_side(messages, tokenizer, max_length, mask_mode, side) -> _Encoded:
 def diagnose_pair(record: dict, tokenizer, max_length: int | None = None, mask_mode: str = "minimind"):
     """`encode_pair`'s output plus the list of `Issue`s found on the way (fatal ones mean: do not train on it)."""
     if mask_mode not in MASK_MODES:
-        raise MaskingError("bad_mask_mode", f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+        raise RecordError("bad_mask_mode", f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
     out, issues = {}, []
     for side in SIDES:
         enc = _encode_side(record["prompt"] + record[side], tokenizer, max_length, mask_mode, side)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from minidpo.cli import UserError
+from minidpo.errors import UserError
+from minidpo.models import load_tokenizer
 
 # Values MiniMind's config uses that the tensors cannot tell us (MiniMindConfig defaults of each version).
 VERSIONS = {
@@ -43,15 +44,15 @@ def minimind_keys(version: str, num_layers: int) -> list[str]:
 def load_checkpoint(path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
+        raise UserError(f"checkpoint {path} does not exist", code="missing_path")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
     except Exception as e:
-        raise UserError(f"cannot read {path} as a PyTorch state_dict with weights_only=True: {e}") from None
+        raise UserError(f"cannot read {path} as a PyTorch state_dict with weights_only=True: {e}", code="bad_checkpoint") from None
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
         sd = sd["model"]  # a MiniMind resume checkpoint ({"model", "optimizer", ...}) holds the weights under "model"
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError(f"{path} is not a plain state_dict of tensors (what MiniMind saves as out/*.pth)")
+        raise UserError(f"{path} is not a plain state_dict of tensors (what MiniMind saves as out/*.pth)", code="bad_checkpoint")
     return sd
 
 
@@ -62,17 +63,17 @@ def _check_dense(sd: dict):
             f"this is a MiniMind MoE checkpoint ({moe[0]}, ...): not supported yet. MiniMind's MoE layers "
             "(its own router `mlp.gate`, per-expert `mlp.experts.N.*` and, in MiniMind2, `mlp.shared_experts`) "
             "route tokens differently from every Transformers MoE class, so no Transformers model reproduces them. "
-            "Use a dense MiniMind checkpoint.")
+            "Use a dense MiniMind checkpoint.", code="bad_checkpoint")
 
 
 def detect_version(sd: dict, version=None) -> str:
     """minimind-3 is the only dense layout with per-head q_norm/k_norm."""
     found = "minimind3" if any(k.endswith("self_attn.q_norm.weight") for k in sd) else "minimind2"
     if version is not None and version not in VERSIONS:
-        raise UserError(f"unknown --version {version!r}; choose one of {', '.join(VERSIONS)}")
+        raise UserError(f"unknown --version {version!r}; choose one of {', '.join(VERSIONS)}", code="bad_option")
     if version is not None and version != found:
         why = "has" if found == "minimind3" else "has no"
-        raise UserError(f"--version {version} does not fit this checkpoint: it {why} q_norm/k_norm, so it is {found}")
+        raise UserError(f"--version {version} does not fit this checkpoint: it {why} q_norm/k_norm, so it is {found}", code="bad_checkpoint")
     return found
 
 
@@ -88,15 +89,15 @@ def infer_architecture(sd: dict, version=None, head_dim=None, rope_theta=None, r
     missing = [k for k in expected if k not in sd]
     if missing:
         raise UserError(f"checkpoint is missing {len(missing)} key(s) a dense {version} model needs: "
-                        f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+                        f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", code="bad_checkpoint")
     unexpected = sorted(set(sd) - set(expected))
     if unexpected:
         raise UserError(f"checkpoint has key(s) no dense {version} model has: "
-                        f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+                        f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}", code="bad_checkpoint")
 
     if sd["model.embed_tokens.weight"].dim() != 2:
         raise UserError(f"model.embed_tokens.weight has shape {tuple(sd['model.embed_tokens.weight'].shape)}, "
-                        "not (vocab, hidden): not a MiniMind layout")
+                        "not (vocab, hidden): not a MiniMind layout", code="bad_checkpoint")
     vocab_size, hidden = sd["model.embed_tokens.weight"].shape
     l0 = "model.layers.0."
     q_rows, k_rows = sd[l0 + "self_attn.q_proj.weight"].shape[0], sd[l0 + "self_attn.k_proj.weight"].shape[0]
@@ -109,7 +110,7 @@ def infer_architecture(sd: dict, version=None, head_dim=None, rope_theta=None, r
         head_dim = k_rows // MINIMIND2_KV_HEADS
     if head_dim <= 0 or q_rows % head_dim or k_rows % head_dim or (q_rows // head_dim) % max(k_rows // head_dim, 1):
         raise UserError(f"head_dim {head_dim} does not divide q_proj ({q_rows} rows) and k_proj ({k_rows} rows) "
-                        "into whole heads with heads a multiple of kv heads; pass --head-dim")
+                        "into whole heads with heads a multiple of kv heads; pass --head-dim", code="bad_checkpoint")
     arch = dict(version=version, architecture=defaults["architecture"], vocab_size=vocab_size, hidden_size=hidden,
                 num_hidden_layers=num_layers, num_attention_heads=q_rows // head_dim,
                 num_key_value_heads=k_rows // head_dim, head_dim=head_dim, intermediate_size=intermediate,
@@ -120,7 +121,7 @@ def infer_architecture(sd: dict, version=None, head_dim=None, rope_theta=None, r
                 else max_position_embeddings)
     if version == "minimind2" and q_rows != hidden:
         raise UserError(f"MiniMind2 needs q_proj rows == hidden size ({hidden}), found {q_rows}: "
-                        "not a MiniMind2 layout")
+                        "not a MiniMind2 layout", code="bad_checkpoint")
     _check_shapes(sd, arch)
     return arch
 
@@ -145,7 +146,7 @@ def _check_shapes(sd: dict, arch: dict):
            if tuple(sd[k].shape) != s]
     if bad:
         raise UserError(f"tensor shapes fit no known {arch['version']} layout "
-                        f"(hidden {arch['hidden_size']}, head_dim {arch['head_dim']}): {'; '.join(bad[:3])}")
+                        f"(hidden {arch['hidden_size']}, head_dim {arch['head_dim']}): {'; '.join(bad[:3])}", code="bad_checkpoint")
 
 
 def build_config(arch: dict, tokenizer=None):
@@ -163,18 +164,18 @@ def build_config(arch: dict, tokenizer=None):
 
 def import_minimind(ckpt_path, tokenizer_dir, output_dir, version=None, **overrides) -> dict:
     """Write a Transformers folder (model, tokenizer, generation config) from a MiniMind checkpoint."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     sd = load_checkpoint(ckpt_path)
     arch = infer_architecture(sd, version=version, **{k: v for k, v in overrides.items() if v is not None})
     tokenizer_dir = Path(tokenizer_dir)
     if not (tokenizer_dir / "tokenizer_config.json").is_file():
         raise UserError(f"{tokenizer_dir} is not a tokenizer folder (no tokenizer_config.json); "
-                        "pass MiniMind's tokenizer folder, e.g. model/ in the MiniMind repo")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+                        "pass MiniMind's tokenizer folder, e.g. model/ in the MiniMind repo", code="bad_tokenizer")
+    tokenizer = load_tokenizer(tokenizer_dir)
     if len(tokenizer) != arch["vocab_size"]:
         raise UserError(f"the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens but the checkpoint's "
-                        f"embedding has {arch['vocab_size']} rows: use the tokenizer this model was trained with")
+                        f"embedding has {arch['vocab_size']} rows: use the tokenizer this model was trained with", code="bad_tokenizer")
 
     config = build_config(arch, tokenizer)
     # fp32 like MiniMind's own training (it loads the fp16 file into fp32 parameters), so a trainer that
@@ -197,14 +198,14 @@ def _load_for_export(model_dir: Path):
     if not adapter_config.is_file():
         if not (model_dir / "config.json").is_file():
             raise UserError(f"{model_dir} is neither a Transformers model folder (config.json) "
-                            "nor a LoRA adapter folder (adapter_config.json)")
+                            "nor a LoRA adapter folder (adapter_config.json)", code="bad_model")
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     from peft import PeftModel
 
     base_dir = json.loads(adapter_config.read_text()).get("base_model_name_or_path") or ""
     if not (Path(base_dir) / "config.json").is_file():
         raise UserError(f"the LoRA adapter in {model_dir} names base model {base_dir!r}, which is not a local "
-                        "model folder; merging needs the base model (the folder `minidpo import-minimind` wrote)")
+                        "model folder; merging needs the base model (the folder `minidpo import-minimind` wrote)", code="bad_model")
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     return PeftModel.from_pretrained(base, model_dir).merge_and_unload()
 
@@ -213,66 +214,26 @@ def export_minimind(model_dir, output_path) -> dict:
     """Write a model folder (or LoRA adapter, merged) as the fp16 state_dict MiniMind's scripts load."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise UserError(f"{model_dir} is not a folder")
+        raise UserError(f"{model_dir} is not a folder", code="missing_path")
     model = _load_for_export(model_dir)
     config = model.config
     version = MODEL_TYPES.get(config.model_type)
     if version is None:
         raise UserError(f"{model_dir} holds a {config.model_type!r} model; MiniMind has only Llama-shaped (MiniMind2) "
-                        "and Qwen3-shaped (minimind-3) dense models")
+                        "and Qwen3-shaped (minimind-3) dense models", code="bad_model")
     if version == "minimind2" and not config.tie_word_embeddings:
         raise UserError("MiniMind2 always ties lm_head to embed_tokens, but this model's are untied: "
-                        "MiniMind would load only one of the two")
+                        "MiniMind would load only one of the two", code="bad_model")
     if version == "minimind2" and config.head_dim * config.num_attention_heads != config.hidden_size:
-        raise UserError("MiniMind2 needs head_dim * num_attention_heads == hidden_size")
+        raise UserError("MiniMind2 needs head_dim * num_attention_heads == hidden_size", code="bad_model")
     # Clone so each key owns its storage, like the independent tensors MiniMind's `v.half()` writes.
     sd = {k: v.detach().to(torch.float16).clone() for k, v in model.state_dict().items()}
     expected = minimind_keys(version, config.num_hidden_layers)
     if set(sd) != set(expected):
         extra, missing = sorted(set(sd) - set(expected)), sorted(set(expected) - set(sd))
-        raise UserError(f"model keys do not map onto MiniMind's: extra {extra[:3]}, missing {missing[:3]}")
+        raise UserError(f"model keys do not map onto MiniMind's: extra {extra[:3]}, missing {missing[:3]}", code="bad_model")
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: sd[k] for k in expected}, output_path)
     return dict(version=version, num_tensors=len(expected), output_path=str(output_path),
                 num_parameters=sum(p.numel() for p in model.parameters()))  # counts tied weights once
-
-
-# ---- CLI ----
-
-def add_import_arguments(p):
-    p.add_argument("checkpoint", help="MiniMind checkpoint, e.g. out/full_sft_512.pth")
-    p.add_argument("--tokenizer", required=True,
-                   help="MiniMind's tokenizer folder (model/, or model/minimind_tokenizer/ in older MiniMind)")
-    p.add_argument("--output", required=True, help="folder to write the Transformers model to")
-    p.add_argument("--version", choices=list(VERSIONS), help="MiniMind version (default: detected from the keys)")
-    p.add_argument("--head-dim", type=int, help="attention head size (default: inferred)")
-    p.add_argument("--rope-theta", type=float, help="RoPE base (default: the version's, 1e6)")
-    p.add_argument("--rms-norm-eps", type=float, help="RMSNorm epsilon (default: 1e-5 MiniMind2, 1e-6 minimind-3)")
-    p.add_argument("--max-position-embeddings", type=int, help="context length (default: 32768)")
-
-
-def import_command(args) -> int:
-    s = import_minimind(args.checkpoint, args.tokenizer, args.output, version=args.version, head_dim=args.head_dim,
-                        rope_theta=args.rope_theta, rms_norm_eps=args.rms_norm_eps,
-                        max_position_embeddings=args.max_position_embeddings)
-    how = "given" if args.version else "detected"
-    print(f"{how} {s['version']} -> {s['architecture']}: hidden {s['hidden_size']}, {s['num_hidden_layers']} layers, "
-          f"{s['num_attention_heads']} heads ({s['num_key_value_heads']} kv, head_dim {s['head_dim']}), "
-          f"intermediate {s['intermediate_size']}, vocab {s['vocab_size']}, "
-          f"{'tied' if s['tie_word_embeddings'] else 'untied'} embeddings, rms_norm_eps {s['rms_norm_eps']}, "
-          f"rope_theta {s['rope_theta']}")
-    print(f"wrote {s['output_dir']}")
-    return 0
-
-
-def add_export_arguments(p):
-    p.add_argument("model_dir", help="Transformers model folder, or a LoRA adapter folder (merged into its base)")
-    p.add_argument("--output", required=True, help="MiniMind checkpoint to write, e.g. out/dpo_512.pth")
-
-
-def export_command(args) -> int:
-    s = export_minimind(args.model_dir, args.output)
-    print(f"wrote {s['output_path']}: {s['version']} fp16 state_dict, {s['num_tensors']} tensors, "
-          f"{s['num_parameters'] / 1e6:.2f}M parameters")
-    return 0

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from minidpo.cli import UserError
+from minidpo.errors import UserError
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _TRUE = {"true", "yes", "1", "latest", "last"}
@@ -111,32 +111,44 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
+def resume_request(value) -> bool | str:
+    """What a `resume_from_checkpoint` value asks for: False (start fresh), True (the newest checkpoint in
+    output_dir) or a path. TrlParser passes strings ("true", "false", "none", a path); Python callers bools or None."""
+    if value is None or value is False or value is True:
+        return bool(value)
+    text = str(value).strip()
+    if text.lower() in _TRUE:
+        return True
+    if text.lower() in _FALSE:
+        return False
+    return text
+
+
 def resolve_resume(args):
     """The checkpoint to resume from, or None to start fresh.
 
     `resume_from_checkpoint` may be a checkpoint path, a run directory (its newest complete checkpoint), or
-    true / "true" / "True" for the newest complete checkpoint in `output_dir` (TrlParser passes strings).
+    true / "true" / "True" for the newest complete checkpoint in `output_dir` (see `resume_request`).
     """
-    value = getattr(args, "resume_from_checkpoint", None)
-    if value is None or value is False:
+    request = resume_request(getattr(args, "resume_from_checkpoint", None))
+    if request is False:
         return None
-    text = str(value).strip()
-    if value is True or text.lower() in _TRUE:
+    if request is True:
         found, skipped = latest_checkpoint(args.output_dir)
         where = f"output_dir {args.output_dir!r}"
-    elif text.lower() in _FALSE:
-        return None
     else:
+        text = request
         path = Path(text).expanduser()
         if not path.exists():
             raise UserError(f"resume_from_checkpoint: {text!r} does not exist (give a checkpoint-N folder, or true "
-                            f"for the newest checkpoint in output_dir)")
+                            f"for the newest checkpoint in output_dir)", code="bad_checkpoint")
         if _CHECKPOINT.match(path.name) or (path / "trainer_state.json").exists():
             problem = checkpoint_problem(path)
             if problem:
                 found, _ = latest_checkpoint(path.parent)
                 hint = f"; the newest complete one is {found}" if found else ""
-                raise UserError(f"resume_from_checkpoint: {text} is not a complete checkpoint: {problem}{hint}")
+                raise UserError(f"resume_from_checkpoint: {text} is not a complete checkpoint: {problem}{hint}",
+                                code="bad_checkpoint")
             return str(path)
         found, skipped = latest_checkpoint(path)  # a run directory: its newest complete checkpoint
         where = f"{text!r}"
@@ -146,7 +158,8 @@ def resolve_resume(args):
     if found is None:
         raise UserError(f"resume_from_checkpoint: no complete checkpoint-N folder in {where} to resume from"
                         + (f" ({len(skipped)} incomplete skipped)" if skipped else "")
-                        + ". Drop resume_from_checkpoint to start fresh, or give a checkpoint path.")
+                        + ". Drop resume_from_checkpoint to start fresh, or give a checkpoint path.",
+                        code="bad_checkpoint")
     if _is_main_process():
         print(f"[minidpo] resuming from {found}")
     return found
@@ -244,7 +257,7 @@ def check_launch(args) -> None:
         raise UserError(f"{launched} processes were launched but each would train on its own: "
                         + ("on CPU set `use_cpu: true` in the training config (or --use_cpu true)"
                            if not args.use_cpu else "the process group did not form")
-                        + "; see configs/accelerate/cpu_ddp.yaml")
+                        + "; see configs/accelerate/cpu_ddp.yaml", code="launch")
 
 
 def callbacks(args) -> list:

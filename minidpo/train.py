@@ -6,25 +6,24 @@
 
 Every knob is a field of one of three dataclasses, settable in the YAML file or on the command line:
 `ScriptArguments` (data), `MiniDPOConfig` (training: TRL's DPOConfig plus `length_normalize`, `mask_mode`) and
-`trl.ModelConfig` (model, dtype, LoRA). Read top to bottom: load, check, train, evaluate, save, push.
+`trl.ModelConfig` (model, dtype, LoRA). Read `main` top to bottom: check, load, train, evaluate, save, push.
 """
-
-import os
-import sys
-
-if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    # Run as a file, Python puts minidpo/ itself on the path, where data.py or cli.py would shadow other modules.
-    sys.path.pop(0)
 
 import copy
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from trl import ModelConfig, ScriptArguments as TrlScriptArguments, TrlParser
 
-from minidpo.cli import UserError
-from minidpo.trainer import MiniDPOConfig, ensure_pad_token
+from minidpo import loading, resilience, training_report
+from minidpo.commands import TRAIN_HELP
+from minidpo.errors import UserError, exit_status
+from minidpo.files import write_text_atomic
+from minidpo.masking import check_tokenizer, encode_pair, is_scorable
+from minidpo.models import check_vocab, ensure_pad_token, load_causal_lm, load_tokenizer
+from minidpo.trainer import MiniDPOConfig
 
 
 @dataclass
@@ -45,6 +44,31 @@ class ScriptArguments(TrlScriptArguments):
                                          "overwritten); without it minidpo refuses, unless resume_from_checkpoint"})
 
 
+class _Parser(TrlParser):
+    """TrlParser whose configuration mistakes (unknown keys, bad values, a missing --config file: `ValueError` and
+    `FileNotFoundError` from TrlParser, TrainingArguments and MiniDPOConfig) are `UserError`s: their messages
+    already say what to change."""
+
+    def parse_args_and_config(self, *args, **kwargs):
+        try:
+            return super().parse_args_and_config(*args, **kwargs)
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(str(e), code="bad_config") from None
+
+
+def make_parser(subparsers=None):
+    """The parser of `minidpo train` and of this file, in TRL's `make_parser` style."""
+    dataclass_types = (ScriptArguments, MiniDPOConfig, ModelConfig)
+    if subparsers is not None:
+        return subparsers.add_parser("train", help=TRAIN_HELP, dataclass_types=dataclass_types)
+    return _Parser(dataclass_types)
+
+
+def parse(argv=None):
+    """(script_args, training_args, model_args) from `argv` (default sys.argv), YAML via `--config`."""
+    return make_parser().parse_args_and_config(args=argv)
+
+
 # Files that mean an output directory already holds a run (a finished model or a checkpoint of one).
 _RUN_MARKERS = ("summary.json", "trainer_state.json", "training_args.bin", "model.safetensors",
                 "adapter_model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
@@ -55,48 +79,34 @@ def check_output_dir(script_args: ScriptArguments, training_args: MiniDPOConfig)
     out = Path(training_args.output_dir)
     if not out.is_dir() or script_args.overwrite_output_dir:
         return
-    resume = training_args.resume_from_checkpoint
-    if resume is not None and str(resume).strip().lower() not in ("", "false", "none", "no", "0"):
+    if resilience.resume_request(training_args.resume_from_checkpoint) is not False:
         return
     found = [m for m in _RUN_MARKERS if (out / m).exists()] + sorted(p.name for p in out.glob("checkpoint-*"))[:3]
     if found:
         raise UserError(f"output_dir {str(out)!r} already holds a run ({', '.join(found)}): choose another "
                         "output_dir, set resume_from_checkpoint: true to continue it, or overwrite_output_dir: true "
-                        "to replace it")
+                        "to replace it", code="output_dir")
 
 
 def check_model_path(model_args: ModelConfig) -> None:
     """A missing local folder is named as such (instead of Hugging Face's Hub lookup error)."""
     name = model_args.model_name_or_path
     if not name:
-        raise UserError("set model_name_or_path: a local Transformers folder (see `minidpo import-minimind`)")
+        raise UserError("set model_name_or_path: a local Transformers folder (see `minidpo import-minimind`)",
+                        code="bad_config")
     path = Path(name).expanduser()
     looks_like_hub_id = not name.startswith((".", "/", "~")) and name.count("/") <= 1
     if not path.exists() and not looks_like_hub_id:
-        raise UserError(f"model_name_or_path {name!r} does not exist")
+        raise UserError(f"model_name_or_path {name!r} does not exist", code="missing_path")
 
 
-def load_tokenizer(model_args: ModelConfig, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    from minidpo.masking import MaskingError, uses_minimind_markers
-
+def prepare_tokenizer(model_args: ModelConfig, trust_remote_code: bool):
+    """The model's tokenizer, checked to score assistant tokens, with a pad token (eos when it has none)."""
     path = model_args.model_name_or_path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision,
-                                                  trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        where = "" if Path(path).expanduser().exists() else " (not a local folder, and the Hub lookup failed)"
-        raise UserError(f"cannot load a tokenizer from {path!r}{where}: {_first_line(e)}") from None
-    try:
-        markers = uses_minimind_markers(tokenizer)
-    except MaskingError as e:
-        raise UserError(e.message) from None
-    try:
-        padded_with_eos = ensure_pad_token(tokenizer)
-    except ValueError as e:
-        raise UserError(f"tokenizer {path!r}: {e}") from None
-    if padded_with_eos:
+    tokenizer = load_tokenizer(path, revision=model_args.model_revision, trust_remote_code=trust_remote_code,
+                               local_only=False)
+    markers = check_tokenizer(tokenizer)
+    if ensure_pad_token(tokenizer):
         print(f"[minidpo] tokenizer {path} has no pad token: padding with its eos token {tokenizer.eos_token!r} "
               "(padding is masked out of attention and loss)")
     how = "MiniMind's marker search" if markers else "assistant spans from the chat template"
@@ -106,45 +116,36 @@ def load_tokenizer(model_args: ModelConfig, trust_remote_code: bool):
 
 def load_pairs(script_args: ScriptArguments, tokenizer, training_args: MiniDPOConfig):
     """Train and eval TRL records from whatever `dataset_name` points at; rejects are reported, never dropped."""
-    from minidpo import data
-
     if not script_args.dataset_name:
-        raise UserError("set dataset_name: a MiniMind dpo.jsonl, a TRL jsonl, or a `minidpo convert` directory")
+        raise UserError("set dataset_name: a MiniMind dpo.jsonl, a TRL jsonl, or a `minidpo convert` directory",
+                        code="bad_config")
     path = Path(script_args.dataset_name).expanduser()
     if not path.exists():
-        raise UserError(f"dataset_name {str(path)!r} does not exist (minidpo reads local files only)")
-    fmt = data.detect_format(path)
-    train, rejects = data.load_trl_records(path, script_args.dataset_train_split, tokenizer)
-    evals, eval_rejects = data.load_trl_records(path, script_args.dataset_test_split, tokenizer)
+        raise UserError(f"dataset_name {str(path)!r} does not exist (minidpo reads local files only)",
+                        code="missing_path")
+    fmt = loading.detect_format(path)
+    train, rejects = loading.load_trl_records(path, script_args.dataset_train_split, tokenizer)
+    evals, eval_rejects = loading.load_trl_records(path, script_args.dataset_test_split, tokenizer)
     rejects += eval_rejects
     if not evals and script_args.eval_fraction > 0:
-        train, evals = data.split_records(train, script_args.eval_fraction, training_args.seed)
+        train, evals = loading.split_records(train, script_args.eval_fraction, training_args.seed)
     print(f"[minidpo] dataset {path}: {fmt} format; {len(train)} train / {len(evals)} eval pairs; "
           f"{len(rejects)} rejected")
     if rejects:
         out = Path(training_args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:
-            for r in rejects:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        write_text_atomic(out / "rejects.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
         reasons = {}
         for r in rejects:
             reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
         print(f"[minidpo] rejected lines by reason: {reasons}; details in {out / 'rejects.jsonl'}")
     if not train:
-        raise UserError(f"no usable training pair in {path}")
+        raise UserError(f"no usable training pair in {path}", code="bad_data")
     return train, evals, rejects
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [repr(e)])[0]
 
 
 def check_max_length(train: list, tokenizer, training_args: MiniDPOConfig, sample: int = 1000) -> None:
     """Refuse when `max_length` leaves more than half the pairs with nothing to score (the trainer would drop
     them), warn when it drops more than a tenth. Checked on an evenly spread sample of at most `sample` pairs."""
-    from minidpo.masking import encode_pair, is_scorable
-
     max_length = training_args.max_length
     if max_length is None or not train:
         return
@@ -164,38 +165,29 @@ def check_max_length(train: list, tokenizer, training_args: MiniDPOConfig, sampl
             f"({share:.0%}: the prompt fills the window)")
     if share > 0.5:
         raise UserError(f"{what}; set max_length to at least {suggestion} (90% of pairs fit), or check the data "
-                        "with `minidpo report-data`")
+                        "with `minidpo report-data`", code="bad_config")
     print(f"[minidpo] WARNING: {what}; the trainer drops those pairs. max_length {suggestion} fits 90% of pairs.")
 
 
 def load_model(model_args: ModelConfig, tokenizer, trust_remote_code: bool):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_args.model_name_or_path, revision=model_args.model_revision, dtype=dtype,
-            attn_implementation=model_args.attn_implementation, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a causal LM from {model_args.model_name_or_path!r}: {_first_line(e)}") from None
-    rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows:
-        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows: "
-                        "they do not belong together (point model_name_or_path at a folder holding both)")
+    """The policy to train, in the configured dtype and attention; UserError when the tokenizer does not fit it."""
+    model = load_causal_lm(model_args.model_name_or_path, revision=model_args.model_revision,
+                           dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
+                           trust_remote_code=trust_remote_code)
+    check_vocab(tokenizer, model)
     return model
 
 
 def main(script_args: ScriptArguments, training_args: MiniDPOConfig, model_args: ModelConfig) -> dict:
+    """One training run; returns summary.json's content (or `{"preempted": True, ...}` after SIGTERM)."""
     from datasets import Dataset
     from trl import get_peft_config
 
-    from minidpo import reports, resilience
     from minidpo.trainer import MiniDPOTrainer
 
     check_model_path(model_args)
     check_output_dir(script_args, training_args)
-    tokenizer = load_tokenizer(model_args, training_args.trust_remote_code)
+    tokenizer = prepare_tokenizer(model_args, training_args.trust_remote_code)
     train, evals, rejects = load_pairs(script_args, tokenizer, training_args)
     check_max_length(train, tokenizer, training_args)
     model = load_model(model_args, tokenizer, training_args.trust_remote_code)
@@ -208,12 +200,13 @@ def main(script_args: ScriptArguments, training_args: MiniDPOConfig, model_args:
             eval_dataset=Dataset.from_list(evals) if evals else None,
             processing_class=tokenizer,
             peft_config=get_peft_config(model_args),
-            callbacks=reports.callbacks(training_args) + resilience.callbacks(training_args),
+            callbacks=training_report.callbacks(training_args) + resilience.callbacks(training_args),
         )
     except ValueError as e:
         # TRL validates option combinations (loss types, PEFT targets, ...) when the trainer is built; errors
         # later, during training, keep their stack trace.
-        raise UserError(str(e)) from None
+        raise UserError(str(e), code="bad_config") from None
+    trainer.data_source, trainer.lines_rejected = script_args.dataset_name, len(rejects)
     trainer.train(resume_from_checkpoint=resilience.resolve_resume(training_args))
     if resilience.preempted(trainer):
         # Stopped by SIGTERM: a checkpoint is saved and the resume command printed. The run is not finished,
@@ -229,39 +222,19 @@ def main(script_args: ScriptArguments, training_args: MiniDPOConfig, model_args:
         merged = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model)).merge_and_unload()
         merged.save_pretrained(out / "merged")
         tokenizer.save_pretrained(out / "merged")
-    summary = reports.training_summary(trainer, metrics, n_rejected=len(rejects))
+    summary = training_report.training_summary(trainer, metrics, n_rejected=len(rejects))
     if trainer.accelerator.is_main_process:
-        reports.write_summary(out, summary)
-        reports.write_model_card(trainer, out, script_args, summary)
+        training_report.write_summary(out, summary)
+    trainer.create_model_card(model_name=out.name)  # TRL's card plus minidpo's sections, main process only
     if training_args.push_to_hub:
-        # Trainer.push_to_hub rewrites README.md with TRL's card alone (and would put the local dataset path in
-        # its `datasets:` metadata); push the card written above, TRL's plus minidpo's data/config/metrics.
-        trainer.create_model_card = lambda *args, **kwargs: None
-        trainer.push_to_hub()
+        trainer.push_to_hub()  # rewrites the card through the same create_model_card
     trainer.accelerator.wait_for_everyone()
     return summary
 
 
-def parse(argv=None):
-    parser = TrlParser((ScriptArguments, MiniDPOConfig, ModelConfig))
-    return parser.parse_args_and_config(args=argv)
-
-
 def run(argv=None) -> int:
-    """Entry point of `minidpo train` and of this file: clear one-line errors instead of stack traces."""
-    try:
-        parsed = parse(argv)
-    except (ValueError, FileNotFoundError) as e:
-        # Config mistakes (unknown keys, bad values, a missing --config file) surface as these from TrlParser,
-        # TrainingArguments and MiniDPOConfig; their messages already say what to change.
-        print(f"minidpo train: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        main(*parsed)
-    except UserError as e:
-        print(f"minidpo train: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """`minidpo train ARGS` and `python minidpo/train.py ARGS`: exit status 0, or 2 with one line for a mistake."""
+    return exit_status("minidpo train", lambda: main(*parse(argv)))
 
 
 if __name__ == "__main__":

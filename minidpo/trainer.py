@@ -8,12 +8,13 @@ What changes against stock TRL, and nothing else:
     MiniMind's length-averaged log-ratios. TRL's fused, chunked LM head still computes the per-token log-probs
     (no full-vocabulary logits); we only divide its output rows by their scored-token counts.
 
-Speed, each keeping the loss (tests/test_trainer.py, tests/test_bench.py; scripts/bench.py measures them):
+Speed, each keeping the loss (tests/test_trainer.py; scripts/bench.py measures them):
   - `share_prompt=True`: chosen and rejected share their prompt, so each pair runs as one row, prompt once, the
     rejected answer attending to the prompt and itself only; on devices without Triton the LM head projects only
     the scored positions (both in `minidpo.scoring`);
   - `precompute_ref_log_probs=True`: reference log-probs computed once over length-sorted batches and cached on disk
-    under `ref_cache_dir`, keyed by the weights and the encoded pairs, so later runs (sweeps) skip them;
+    under `ref_cache_dir`, keyed by the weights and the encoded pairs, so later runs (sweeps) skip them
+    (`minidpo.ref_cache`);
   - `train_sampling_strategy="group_by_length"`: batches of pairs of similar length, less padding;
   - no activation checkpointing by default; bf16 autocast also on CPU (`bf16=True` sets `use_cpu`), which pays only
     on CPUs with native bf16 (AVX512-BF16/AMX);
@@ -24,26 +25,25 @@ Speed, each keeping the loss (tests/test_trainer.py, tests/test_bench.py; script
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate.utils import broadcast_object_list, gather_object, is_peft_model
+from accelerate.utils import gather_object, is_peft_model
 from datasets.fingerprint import Hasher
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.utils import logging
 from trl import DPOConfig, DPOTrainer
 from trl.models import prepare_deepspeed
-from trl.trainer.utils import pad
 
-from .masking import MASK_MODES, encode_pair, is_scorable
-from .scoring import COMPACT_FIELDS, install_pair_forward, log_probs_only
+from minidpo import ref_cache, training_report
+from minidpo.masking import MASK_MODES, encode_pair, is_scorable
+from minidpo.models import ensure_pad_token, load_tokenizer
+from minidpo.pairs import PAIR_COLUMNS, REF_COLUMNS, PairCollator, pair_lengths
+from minidpo.scoring import COMPACT_FIELDS, install_pair_forward, log_probs_only
 
 logger = logging.get_logger(__name__)
 
-PAIR_COLUMNS = ("chosen_input_ids", "chosen_loss_mask", "rejected_input_ids", "rejected_loss_mask")
 # Losses that read per-token log-probs or completion lengths themselves, which length-averaged rows would skew.
 _NOT_WITH_LENGTH_NORMALIZE = {"sft": "its NLL term reads per-token log-probs"}
 # TRL's own length-averaged losses: they divide the log-ratios by the completion length once more.
@@ -56,7 +56,13 @@ def _default_bf16() -> bool:
 
 @dataclass
 class MiniDPOConfig(DPOConfig):
-    """`trl.DPOConfig` plus MiniMind's scoring. Defaults fit the machine: bf16 only where the GPU supports it."""
+    """`trl.DPOConfig` plus MiniMind's scoring (`length_normalize`, `mask_mode`) and minidpo's speed levers.
+
+    Supports every DPOConfig field. Defaults fit the machine: bf16 only where the GPU supports it (`bf16: true` on a
+    CPU also sets `use_cpu`), activation checkpointing off.
+    Raises `ValueError` at construction for an unknown `mask_mode`, and with `length_normalize=True` for the options
+    that read per-token log-probs themselves (`loss_type: sft`, `use_weighting`, `ld_alpha`), naming the option.
+    """
 
     length_normalize: bool = field(
         default=True,
@@ -104,28 +110,6 @@ class MiniDPOConfig(DPOConfig):
                                  "length_normalize=True. Set length_normalize: false to use them.")
 
 
-@dataclass
-class PairCollator:
-    """Right-pads chosen then rejected sequences into one batch, with the loss masks as `completion_mask`."""
-
-    pad_token_id: int
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        ids = [e["chosen_input_ids"] for e in examples] + [e["rejected_input_ids"] for e in examples]
-        masks = [e["chosen_loss_mask"] for e in examples] + [e["rejected_loss_mask"] for e in examples]
-        to_tensors = lambda rows: [torch.tensor(r, dtype=torch.long) for r in rows]  # noqa: E731
-        batch = {
-            "input_ids": pad(to_tensors(ids), self.pad_token_id, "right", self.pad_to_multiple_of),
-            "attention_mask": pad(to_tensors([[1] * len(r) for r in ids]), 0, "right", self.pad_to_multiple_of),
-            "completion_mask": pad(to_tensors(masks), 0, "right", self.pad_to_multiple_of),
-        }
-        for key in ("ref_chosen_logps", "ref_rejected_logps"):
-            if key in examples[0]:
-                batch[key] = torch.tensor([e[key] for e in examples])
-        return batch
-
-
 def _count_each_sequence_once(completion_mask: torch.Tensor) -> torch.Tensor:
     """A completion mask whose rows sum to 1 while scoring the same positions.
 
@@ -138,21 +122,19 @@ def _count_each_sequence_once(completion_mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def ensure_pad_token(tokenizer) -> bool:
-    """Give a tokenizer without a pad token its eos token as pad; True when it did.
-
-    Padding is never scored and never attended to, so any id works; TRL makes the same choice.
-    """
-    if tokenizer.pad_token is not None:
-        return False
-    if tokenizer.eos_token is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token: set pad_token in its tokenizer_config.json")
-    tokenizer.pad_token = tokenizer.eos_token
-    return True
-
-
 class MiniDPOTrainer(DPOTrainer):
-    """`trl.DPOTrainer` on MiniMind-equivalent token masks, with length-averaged log-ratios by default."""
+    """`trl.DPOTrainer` on MiniMind-equivalent token masks, with length-averaged log-ratios by default.
+
+    Supports: conversational TRL records (`prompt` / `chosen` / `rejected` message lists) or datasets already
+    encoded by `minidpo.masking.encode_pair`; full fine-tuning or PEFT; an explicit `ref_model`, the policy's own
+    initial weights (no `ref_model`) or precomputed reference log-probs; every TRL loss type that can be
+    length-averaged (see `MiniDPOConfig`).
+    Assumes: a `MiniDPOConfig`; a fast tokenizer with a chat template (its eos token pads when it has no pad token).
+    Raises: `TypeError` for a plain `DPOConfig`; `ValueError` for a dataset in another format or one where no pair
+    keeps a scored token at `max_length`; `minidpo.errors.UserError` for a tokenizer with neither pad nor eos token.
+
+    `data_source` and `lines_rejected` (set by the caller, e.g. train.py) are shown in the model card.
+    """
 
     _tag_names = ["trl", "dpo", "minidpo"]
 
@@ -163,15 +145,15 @@ class MiniDPOTrainer(DPOTrainer):
         elif not isinstance(args, MiniDPOConfig):
             raise TypeError(f"MiniDPOTrainer needs a MiniDPOConfig, got {type(args).__name__}")
         if processing_class is None:
-            from transformers import AutoTokenizer
-
             name = model if isinstance(model, str) else model.config._name_or_path
-            processing_class = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+            processing_class = load_tokenizer(name, trust_remote_code=args.trust_remote_code, local_only=False)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         ensure_pad_token(tokenizer)
         if data_collator is None:
             data_collator = PairCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
         self.pairs_dropped: dict[str, int] = {}
+        self.data_source: str | None = None
+        self.lines_rejected = 0
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
@@ -191,39 +173,19 @@ class MiniDPOTrainer(DPOTrainer):
         self._pair_forward_installed = True
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        """Reference log-probs once, over length-sorted batches shared out across processes, cached on disk.
-
-        TRL's own cache lives beside the dataset's cache files, keyed by its fingerprint: in-memory datasets (what
-        train.py passes) get a random fingerprint in a per-process temporary folder, so every run recomputes and
-        ranks other than 0 cannot find rank 0's file. Ours is keyed by content: the reference weights (TRL's hash),
-        the encoded ids and masks (so tokenizer, data, max_length and mask_mode), length_normalize and the autocast
-        dtype. Rank 0 decides, reads and writes; every rank gets the same values.
-        """
+        """Reference log-probs once, over length-sorted batches shared out across processes, cached on disk by
+        content (`minidpo.ref_cache`), so in-memory datasets and later runs find them too."""
         # TRL precomputes inside its own __init__, before ours can patch the forward: patch first.
         self._install_pair_forward()
-        args = self.args
-        key = Hasher.hash((self._precompute_model_hash, _content_hash(dataset), args.max_length, args.mask_mode,
-                           args.length_normalize, args.bf16, args.fp16, "minidpo.ref-logps/1"))
-        cache_dir = Path(args.ref_cache_dir or os.environ.get("MINIDPO_CACHE") or Path.home() / ".cache" / "minidpo")
-        path = cache_dir / "ref-logps" / f"{key}.pt"
-        cached = [torch.load(path, weights_only=True) if self.accelerator.is_main_process and path.exists() else None]
-        broadcast_object_list(cached, from_process=0)  # one decision for all ranks: they run forwards together
-        logps = cached[0]
+        path = ref_cache.cache_file(self._precompute_model_hash, dataset, self.args)
+        logps = ref_cache.read(path, self.accelerator)
         if logps is not None:
             logger.info(f"{name}: reference log-probs read from {path}")
         else:
             logps = self._compute_ref_logps_sorted(dataset, batch_size)
-            if self.accelerator.is_main_process:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                torch.save(logps, tmp)
-                os.replace(tmp, path)
+            ref_cache.write(path, logps, self.accelerator)
         self.accelerator.wait_for_everyone()
-        for column in ("ref_chosen_logps", "ref_rejected_logps"):
-            if column in dataset.column_names:
-                dataset = dataset.remove_columns(column)
-        return (dataset.add_column("ref_chosen_logps", logps[:, 0].tolist())
-                .add_column("ref_rejected_logps", logps[:, 1].tolist()))
+        return ref_cache.attach(dataset, logps)
 
     def _precompute_model(self):
         """The model that scores the reference, as TRL picks it (a DeepSpeed engine places ZeRO parameters)."""
@@ -238,7 +200,7 @@ class MiniDPOTrainer(DPOTrainer):
         """[len(dataset), 2] reference log-probs (chosen, rejected): batches of similar length, dealt round-robin
         to the processes, gathered so every rank holds all of them."""
         model = self._precompute_model()
-        lengths = _pair_lengths(dataset)
+        lengths = pair_lengths(dataset)
         order = sorted(range(len(dataset)), key=lengths.__getitem__, reverse=True)
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
@@ -266,7 +228,7 @@ class MiniDPOTrainer(DPOTrainer):
         if (self.args.train_sampling_strategy == "group_by_length" and train_dataset is not None
                 and self.args.length_column_name not in (train_dataset.column_names or [])):
             return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                        lengths=_pair_lengths(train_dataset))
+                                        lengths=pair_lengths(train_dataset))
         return super()._get_train_sampler(train_dataset)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -276,7 +238,7 @@ class MiniDPOTrainer(DPOTrainer):
         if not all(isinstance(first.get(k), list) for k in ("prompt", "chosen", "rejected")):
             raise ValueError(
                 f"{dataset_name} dataset: expected conversational TRL records (prompt/chosen/rejected message lists), "
-                f"got columns {sorted(first)}. Convert MiniMind dpo.jsonl with `minidpo convert` or minidpo.data.")
+                f"got columns {sorted(first)}. Convert MiniMind dpo.jsonl with `minidpo convert` or minidpo.records.to_trl_record.")
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         # The fingerprint names the cache files of this map and of TRL's precomputed reference log-probs, so it
         # carries every setting those depend on (length_normalize changes the reference values, not the ids).
@@ -291,8 +253,7 @@ class MiniDPOTrainer(DPOTrainer):
             desc=f"Encoding {dataset_name} pairs ({args.mask_mode} masks)",
         )
         n = len(dataset)
-        dataset = dataset.filter(is_scorable,
-                                 num_proc=args.dataset_num_proc)
+        dataset = dataset.filter(is_scorable, num_proc=args.dataset_num_proc)
         dropped = n - len(dataset)
         self.pairs_dropped[dataset_name] = dropped
         if dropped:
@@ -305,30 +266,25 @@ class MiniDPOTrainer(DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = list(PAIR_COLUMNS) + ["ref_chosen_logps", "ref_rejected_logps"]
+            self._signature_columns = list(PAIR_COLUMNS) + list(REF_COLUMNS)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.args.length_normalize and _TRL_LENGTH_AVERAGED & set(self.loss_types):
             inputs = {**inputs, "completion_mask": _count_each_sequence_once(inputs["completion_mask"])}
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's card (base model, framework versions, citation) plus minidpo's data, configuration, metrics and plots.
 
-def _pair_lengths(dataset) -> list[int]:
-    table = dataset.select_columns(["chosen_input_ids", "rejected_input_ids"]).with_format("arrow")[:]
-    return [c + r for c, r in zip(*(table.column(k).combine_chunks().value_lengths().to_pylist()
-                                    for k in ("chosen_input_ids", "rejected_input_ids")))]
-
-
-def _content_hash(dataset) -> str:
-    """sha256 of the encoded pairs, in order (ids and masks)."""
-    h = hashlib.sha256()
-    table = dataset.select_columns(list(PAIR_COLUMNS)).with_format("arrow")[:]
-    for name in PAIR_COLUMNS:
-        column = table.column(name).combine_chunks()
-        h.update(name.encode())
-        h.update(column.value_lengths().to_numpy(zero_copy_only=False).tobytes())
-        h.update(column.flatten().to_numpy(zero_copy_only=False).tobytes())
-    return h.hexdigest()
+        Trainer calls this for every checkpoint (so checkpoint pushes carry it) and in `push_to_hub`; train.py once
+        more after the final evaluation. A local dataset path never goes into the card's `datasets:` metadata.
+        """
+        if dataset_name is not None and Path(str(dataset_name)).exists():
+            dataset_name = None
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if self.is_world_process_zero():
+            with open(Path(self.args.output_dir) / "README.md", "a", encoding="utf-8") as f:
+                f.write(training_report.card_sections(self))
 
 
 def _encode_example(example, tokenizer, max_length, mask_mode):

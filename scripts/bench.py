@@ -75,11 +75,12 @@ HANZI = "我们的模型训练数据偏好回答问题这个方法可以需要�
 
 # ------------------------------------------------------------------------------------------------ data and model
 
-def load_tokenizer():
-    from transformers import AutoTokenizer
-
+def bench_tokenizer():
+    """MiniMind2's real tokenizer from ../shared when it is there, else the embedded one."""
     if (SHARED_TOKENIZER / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(str(SHARED_TOKENIZER))
+        from minidpo.models import load_tokenizer
+
+        return load_tokenizer(SHARED_TOKENIZER)
     from minidpo.embedded import build_tokenizer
 
     return build_tokenizer()
@@ -264,7 +265,7 @@ def run_row(name, args) -> dict:
 
     torch.manual_seed(SEED)
     device = args.device
-    tokenizer = load_tokenizer()
+    tokenizer = bench_tokenizer()
     records = make_records(tokenizer, args.steps * args.batch_size, args.max_length)
     encoded = encode_all(records, tokenizer, args.max_length)
     real_tokens = sum(len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in encoded)

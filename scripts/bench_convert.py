@@ -18,7 +18,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from minidpo.data import convert_file, load_tokenizer  # noqa: E402
+from minidpo.convert import convert_file  # noqa: E402
+from minidpo.models import load_tokenizer  # noqa: E402
 
 WORDS = ("the model answer data train loss token policy reference reward preference chosen rejected "
          "learning rate batch gradient step retreat team market growth plan customer service quality "

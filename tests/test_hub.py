@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import write_tiny_assets
+from helpers import write_tiny_assets
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_ID = "tester/minidpo-test"

@@ -14,9 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from conftest import shared_path
+from helpers import shared_path
 from minidpo.embedded import build_tokenizer
-from minidpo.masking import MaskingError, diagnose_pair, encode_pair, uses_minimind_markers
+from minidpo.errors import RecordError, UserError
+from minidpo.masking import check_tokenizer, diagnose_pair, encode_pair, uses_minimind_markers
 
 
 def minimind_reference(messages, tokenizer, max_length):
@@ -245,11 +246,24 @@ def test_diagnose_flags_truncation_and_rejects_unscorable(tokenizer):
 def test_clear_errors_for_unusable_tokenizers():
     tok = build_tokenizer()
     tok.chat_template = None
-    with pytest.raises(MaskingError) as e:
+    with pytest.raises(RecordError) as e:
         encode_pair(CASES["single-turn"], tok)
     assert e.value.code == "no_chat_template"
-    with pytest.raises(MaskingError):
+    with pytest.raises(RecordError):
         encode_pair(CASES["single-turn"], build_tokenizer(), mask_mode="everything")
+
+
+def test_check_tokenizer_refuses_before_any_record_and_tells_the_scheme(tokenizer):
+    """A usable tokenizer: True when MiniMind's marker search runs on it (its ChatML templates), False for spans
+    from the template; an unusable one is a one-line UserError naming the problem's code."""
+    assert check_tokenizer(tokenizer) is True  # the embedded, MiniMind2 and minimind-3 tokenizers are all ChatML
+    tok = build_tokenizer()
+    tok.chat_template = tok.chat_template.replace("<|im_start|>", "[start]")  # no "<bos>assistant\n" marker
+    assert check_tokenizer(tok) is False
+    tok.chat_template = None
+    with pytest.raises(UserError, match=r"cannot be used \(no_chat_template\)") as e:
+        check_tokenizer(tok)
+    assert e.value.code == "bad_tokenizer"
 
 
 def test_header_merging_with_answer_is_reported_and_matches_minimind():

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import shared_path
+from helpers import shared_path
 from transformers import AutoModelForCausalLM
 
 from minidpo.cli import UserError, main

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_tiny_assets
+from helpers import write_tiny_assets
 
 REPO = Path(__file__).resolve().parents[1]
 ACCEL = REPO / "configs" / "accelerate"

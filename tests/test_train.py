@@ -1,4 +1,4 @@
-"""minidpo/train.py end to end on the embedded tiny model: launch, save, reload, errors, LoRA, quickstart.
+"""minidpo/train.py end to end on the embedded tiny model: launchers, save and reload, one-line errors, LoRA.
 
 Everything is built in tmp_path with minidpo.embedded; nothing is downloaded (subprocesses run with the Hub
 offline switches on and a private HF_HOME, so no user-level accelerate config or cache leaks in).
@@ -6,7 +6,6 @@ offline switches on and a private HF_HOME, so no user-level accelerate config or
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -16,10 +15,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import write_tiny_assets
-from minidpo import embedded
+from helpers import (REPO, SUBPROCESS_TIMEOUT, assert_one_line_error, save_small_model, seq_logp, subprocess_env,
+                     to_trl)
+from minidpo import embedded, train
+from minidpo.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
 LOG2 = math.log(2)  # the sigmoid DPO loss of every pair at step 0, where policy == reference
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -41,31 +41,17 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A base model folder (tokenizer + tiny Llama) and 160 MiniMind-format pairs with a learnable preference."""
-    root = tmp_path_factory.mktemp("assets")
-    return write_tiny_assets(root, pairs=160, data_seed=1)
-
-
 def write_config(path: Path, assets: Path, output_dir: Path, **overrides) -> Path:
+    """A training YAML over the tiny assets: TINY, then `overrides` (output_dir among them)."""
     cfg = {"model_name_or_path": str(assets / "base"), "dataset_name": str(assets / "dpo.jsonl"),
            "output_dir": str(output_dir), **TINY, **overrides}
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     return path
 
 
-def env(tmp_path: Path) -> dict:
-    e = dict(os.environ)
-    e.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-             HF_DATASETS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false",
-             PYTHONPATH=str(REPO) + os.pathsep + e.get("PYTHONPATH", ""))
-    e.pop("ACCELERATE_CONFIG_FILE", None)
-    return e
-
-
-def launch(cmd: list, tmp_path: Path, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=timeout)
+def launch(cmd: list, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(tmp_path), capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT)
 
 
 def minidpo_cmd() -> list:
@@ -73,34 +59,28 @@ def minidpo_cmd() -> list:
     return [exe] if exe else [sys.executable, "-m", "minidpo.cli"]
 
 
-def assert_one_line_error(stderr: str, *needles: str):
-    assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, stderr
-    assert stderr.rstrip().splitlines()[-1] == errors[0], "the error must be the last thing printed"
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-
-
-def seq_logp(model, ids, mask):
+def logp(model, ids, mask) -> float:
     """Length-averaged log-prob of the scored tokens, from full-vocabulary logits (independent of TRL)."""
-    ids_t = torch.tensor([ids])
     with torch.no_grad():
-        logits = model(input_ids=ids_t).logits[0, :-1].float()
-    logp = torch.log_softmax(logits, dim=-1).gather(1, ids_t[0, 1:, None]).squeeze(1)
-    m = torch.tensor(mask[1:], dtype=logp.dtype)
-    return ((logp * m).sum() / m.sum()).item()
+        return seq_logp(model, ids, mask).item()
+
+
+def margin(model, pair) -> float:
+    return (logp(model, pair["chosen_input_ids"], pair["chosen_loss_mask"])
+            - logp(model, pair["rejected_input_ids"], pair["rejected_loss_mask"]))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Training through the launchers
 
 
-def test_accelerate_launch_trains_saves_and_reloads(assets, tmp_path):
+def test_accelerate_launch_trains_saves_and_reloads(tiny_assets, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from minidpo.masking import encode_pair
+
     out = tmp_path / "out"
-    cfg = write_config(tmp_path / "tiny.yaml", assets, out)
+    cfg = write_config(tmp_path / "tiny.yaml", tiny_assets, out)
     proc = launch(["accelerate", "launch", "--num_processes", "1", "minidpo/train.py", "--config", str(cfg)],
                   tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -114,39 +94,31 @@ def test_accelerate_launch_trains_saves_and_reloads(assets, tmp_path):
 
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["global_step"] == TINY["max_steps"]
-    train, final_eval = summary["final_train"], summary["final_eval"]
+    train_metrics, final_eval = summary["final_train"], summary["final_eval"]
     # Loss goes down: it is log 2 at step 0 (policy == reference), its run average is below that and the last
     # logged value below the average.
-    assert train["loss"] < train["train_loss"] < LOG2 - 0.01, train
+    assert train_metrics["loss"] < train_metrics["train_loss"] < LOG2 - 0.01, train_metrics
     assert final_eval["eval_loss"] < LOG2 - 0.02, final_eval
     assert final_eval["eval_rewards/accuracies"] >= 0.9, final_eval
 
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
-    base = AutoModelForCausalLM.from_pretrained(assets / "base")
-    assert len(tok) == len(AutoTokenizer.from_pretrained(assets / "base"))
+    base = AutoModelForCausalLM.from_pretrained(tiny_assets / "base")
+    assert len(tok) == len(AutoTokenizer.from_pretrained(tiny_assets / "base"))
     assert tok.chat_template and tok.eos_token == embedded.IM_END
     trained, orig = model.state_dict(), base.state_dict()
     assert trained.keys() == orig.keys()
     assert any(not torch.equal(trained[k], orig[k]) for k in orig), "saved weights equal the base model"
     # The reloaded model prefers the chosen answer of a held-out-style pair more than the base model does.
-    from minidpo.masking import encode_pair
-
-    record = embedded.make_preference_records(1, seed=99)[0]
-    pair = encode_pair({"prompt": record["chosen"][:-1], "chosen": record["chosen"][-1:],
-                        "rejected": record["rejected"][-1:]}, tok, max_length=128)
-
-    def margin(m):
-        return (seq_logp(m, pair["chosen_input_ids"], pair["chosen_loss_mask"])
-                - seq_logp(m, pair["rejected_input_ids"], pair["rejected_loss_mask"]))
-
-    assert margin(model) > margin(base)
+    pair = encode_pair(to_trl(embedded.make_preference_records(1, seed=99)[0]), tok, max_length=128)
+    assert margin(model, pair) > margin(base, pair)
 
 
-def test_python_train_py_runs_the_same_code(assets, tmp_path):
+def test_python_train_py_runs_the_same_code(tiny_assets, tmp_path):
+    """`python minidpo/train.py`: the file runs as a script (minidpo/ first on sys.path shadows nothing), the
+    command line overrides the YAML, and a mistake is one line."""
     out = tmp_path / "out"
-    cfg = write_config(tmp_path / "tiny.yaml", assets, out)
-    # Command-line values override the YAML ones.
+    cfg = write_config(tmp_path / "tiny.yaml", tiny_assets, out)
     proc = launch([sys.executable, "minidpo/train.py", "--config", str(cfg), "--max_steps", "2",
                    "--eval_fraction", "0", "--logging_steps", "1"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -154,21 +126,27 @@ def test_python_train_py_runs_the_same_code(assets, tmp_path):
     assert summary["global_step"] == 2 and summary["final_eval"] == {}
     assert (out / "model.safetensors").is_file()
 
+    proc = launch([sys.executable, "minidpo/train.py", "--config", str(cfg), "--output_dir", str(tmp_path / "out2"),
+                   "--dataset_name", str(tmp_path / "missing.jsonl")], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_line_error(proc.stderr, "minidpo train: error: dataset_name", "missing.jsonl", "does not exist")
 
-def test_minidpo_train_is_train_py(assets, tmp_path, monkeypatch):
-    from minidpo import cli, train
 
-    # argv level: `minidpo train ARGS` hands ARGS, untouched, to minidpo.train.run (the function train.py runs).
-    module, add_arguments, run_name, _ = cli.COMMANDS["train"]
-    assert (module, add_arguments, run_name) == ("minidpo.train", None, "run")
+def test_minidpo_train_is_train_py(tiny_assets, tmp_path, monkeypatch):
+    from minidpo import cli
+
+    # argv level: `minidpo train ARGS` parses ARGS with train.py's own parser and runs train.main on the result.
     seen = []
-    monkeypatch.setattr(train, "run", lambda argv: seen.append(argv) or 0)
-    assert cli.main(["train", "--config", "x.yaml", "--beta", "0.2"]) == 0
-    assert seen == [["--config", "x.yaml", "--beta", "0.2"]]
+    monkeypatch.setattr(train, "main", lambda *parsed: seen.append(parsed) or {})
+    cfg = write_config(tmp_path / "tiny.yaml", tiny_assets, tmp_path / "out")
+    assert cli.main(["train", "--config", str(cfg), "--beta", "0.2"]) == 0
+    (script_args, training_args, model_args), = seen
+    assert training_args.beta == 0.2 and training_args.max_steps == TINY["max_steps"]
+    assert (script_args, training_args, model_args) == tuple(train.parse(["--config", str(cfg), "--beta", "0.2"]))
     monkeypatch.undo()
 
     # process level: the installed command parses the same dataclasses and fails the same clear way.
-    cfg = write_config(tmp_path / "tiny.yaml", assets, tmp_path / "out", lerning_rate=1e-3)
+    cfg = write_config(tmp_path / "bad.yaml", tiny_assets, tmp_path / "out", lerning_rate=1e-3)
     proc = launch(minidpo_cmd() + ["train", "--config", str(cfg)], tmp_path)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert_one_line_error(proc.stderr, "minidpo train: error:", "lerning_rate")
@@ -180,15 +158,7 @@ def test_minidpo_train_is_train_py(assets, tmp_path, monkeypatch):
 
 def _small_vocab_model(assets: Path, tmp_path: Path) -> Path:
     """A model whose embedding has fewer rows than the tokenizer next to it has tokens."""
-    from transformers import AutoTokenizer
-
-    folder = tmp_path / "small-vocab"
-    tok = AutoTokenizer.from_pretrained(assets / "base")
-    model = embedded.build_tiny_model(tok)
-    model.resize_token_embeddings(len(tok) - 512)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_small_model(tmp_path / "small-vocab", vocab_size=1024)
 
 
 def _neither_format(tmp_path: Path) -> Path:
@@ -197,28 +167,108 @@ def _neither_format(tmp_path: Path) -> Path:
     return path
 
 
+def _parquet(tmp_path: Path) -> Path:
+    path = tmp_path / "data.parquet"
+    path.write_bytes(b"PAR1\x00\x01binary")
+    return path
+
+
+def _empty_dir(tmp_path: Path) -> Path:
+    (tmp_path / "dir").mkdir()
+    return tmp_path / "dir"
+
+
+def _holding_a_run(out: Path) -> Path:
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "summary.json").write_text("{}")
+    return out
+
+
 ERROR_CASES = {
     # name: (overrides as a function of (assets, tmp_path), words the one-line message must contain)
     "unknown-config-key": (lambda a, t: {"lerning_rate": 1e-3}, ["lerning_rate"]),
     "missing-dataset": (lambda a, t: {"dataset_name": str(t / "nowhere.jsonl")}, ["nowhere.jsonl", "does not exist"]),
     "dataset-in-neither-format": (lambda a, t: {"dataset_name": str(_neither_format(t))},
-                                  ["neither.jsonl", "format"]),
+                                  ["neither.jsonl", "cannot tell the format", "prompt/chosen/rejected"]),
+    "dataset-binary": (lambda a, t: {"dataset_name": str(_parquet(t))}, ["cannot tell the format"]),
+    "dataset-dir-without-train-jsonl": (lambda a, t: {"dataset_name": str(_empty_dir(t))}, ["without train.jsonl"]),
     "tokenizer-larger-than-embedding": (lambda a, t: {"model_name_or_path": str(_small_vocab_model(a, t))},
                                         ["1536 tokens", "1024 rows"]),
-    "model-path-missing": (lambda a, t: {"model_name_or_path": str(t / "no-such-model")}, ["no-such-model"]),
+    "model-path-missing": (lambda a, t: {"model_name_or_path": str(t / "no-such-model")},
+                           ["no-such-model", "does not exist"]),
+    "tokenizer-without-chat-template": (
+        lambda a, t: {"model_name_or_path": str(save_small_model(t / "m", lambda tok: setattr(tok, "chat_template",
+                                                                                              None)))},
+        ["no chat template", "chat_template"]),
+    "output-dir-holding-another-run": (lambda a, t: {"output_dir": str(_holding_a_run(t / "run"))},
+                                       ["already holds a run", "summary.json", "checkpoint-2",
+                                        "overwrite_output_dir: true", "resume_from_checkpoint"]),
 }
 
 
 @pytest.mark.parametrize("case", list(ERROR_CASES))
-def test_clear_errors(case, assets, tmp_path, capfd):
-    from minidpo import train
-
+def test_clear_errors(case, tiny_assets, tmp_path, capfd):
     overrides, needles = ERROR_CASES[case]
-    cfg = write_config(tmp_path / "bad.yaml", assets, tmp_path / "out", **overrides(assets, tmp_path))
+    cfg = write_config(tmp_path / "bad.yaml", tiny_assets, **{"output_dir": tmp_path / "out",
+                                                               **overrides(tiny_assets, tmp_path)})
     capfd.readouterr()
     assert train.run(["--config", str(cfg)]) == 2
-    stderr = capfd.readouterr().err
-    assert_one_line_error(stderr, "minidpo train: error:", *needles)
+    assert_one_line_error(capfd.readouterr().err, "minidpo train: error:", *needles)
+
+
+def test_missing_config_file(tmp_path, capfd):
+    assert train.run(["--config", str(tmp_path / "no-config.yaml")]) == 2
+    assert_one_line_error(capfd.readouterr().err, "minidpo train: error:", "no-config.yaml")
+
+
+def test_max_length_shorter_than_most_prompts(tiny_assets, tmp_path, capfd):
+    cfg = write_config(tmp_path / "bad.yaml", tiny_assets, tmp_path / "out", max_length=20)
+    assert train.run(["--config", str(cfg)]) == 2
+    line = assert_one_line_error(capfd.readouterr().err, "max_length=20 leaves nothing to score",
+                                 "set max_length to at least")
+    suggested = int(line.split("at least ")[1].split()[0])
+    assert suggested % 64 == 0 and suggested in (64, 128), line
+
+
+def test_output_dir_check_lets_a_resume_or_an_overwrite_through(tiny_assets, tmp_path):
+    out = _holding_a_run(tmp_path / "out")
+    argv = ["--config", str(write_config(tmp_path / "c.yaml", tiny_assets, out))]
+    # overwrite_output_dir or a resume lets it through the check (the resume itself is resilience.py's business)
+    for extra in (["--overwrite_output_dir", "true"], ["--resume_from_checkpoint", "true"]):
+        script_args, training_args, _ = train.parse(argv + extra)
+        train.check_output_dir(script_args, training_args)
+    script_args, training_args, _ = train.parse(argv + ["--resume_from_checkpoint", "false"])
+    with pytest.raises(UserError, match="already holds a run"):
+        train.check_output_dir(script_args, training_args)
+    # a directory with only what an earlier failed start left (rejects) is not a run
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "rejects.jsonl").write_text("")
+    script_args, training_args, _ = train.parse(argv + ["--output_dir", str(fresh)])
+    train.check_output_dir(script_args, training_args)
+
+
+def test_no_pad_token_falls_back_to_eos_and_says_so(tiny_assets, tmp_path, capsys):
+    model = save_small_model(tmp_path / "m", lambda t: setattr(t, "pad_token", None))
+    cfg = write_config(tmp_path / "c.yaml", tiny_assets, tmp_path / "out", model_name_or_path=str(model),
+                       max_steps=2, eval_fraction=0.0)
+    assert train.run(["--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "has no pad token: padding with its eos token '<|im_end|>'" in out
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["global_step"] == 2
+
+
+def test_max_length_dropping_some_pairs_warns(tiny_assets, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from minidpo.trainer import MiniDPOConfig
+
+    records = [{"prompt": [{"role": "user", "content": "Tell me about the moon." + " And more." * n}],
+                "chosen": [{"role": "assistant", "content": "The moon orbits the earth."}],
+                "rejected": [{"role": "assistant", "content": "Go away."}]} for n in (0, 0, 0, 0, 0, 0, 0, 40, 40)]
+    tok = AutoTokenizer.from_pretrained(tiny_assets / "base")
+    train.check_max_length(records, tok, MiniDPOConfig(output_dir=str(tmp_path), max_length=64, report_to="none"))
+    assert "WARNING: max_length=64 leaves nothing to score in 2 of 9 pairs" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -241,14 +291,14 @@ def capture_trainer(monkeypatch):
     return built
 
 
-def test_lora_trains_only_the_adapter_and_saves_adapter_and_merged(assets, tmp_path, capture_trainer):
+def test_lora_trains_only_the_adapter_and_saves_adapter_and_merged(tiny_assets, tmp_path, capture_trainer):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from minidpo import train
 
     out = tmp_path / "lora"
-    cfg = write_config(tmp_path / "lora.yaml", assets, out, use_peft=True, lora_r=8, lora_alpha=16,
+    cfg = write_config(tmp_path / "lora.yaml", tiny_assets, out, use_peft=True, lora_r=8, lora_alpha=16,
                        lora_dropout=0.0, lora_target_modules=LORA_TARGETS, merge_adapter=True,
                        learning_rate=2.0e-2, max_steps=8)
     summary = train.main(*train.parse(["--config", str(cfg)]))
@@ -259,7 +309,7 @@ def test_lora_trains_only_the_adapter_and_saves_adapter_and_merged(assets, tmp_p
     assert trainer.ref_model is None, "with LoRA the reference is the base model with adapters off, not a copy"
 
     # Only adapter weights are trainable and only they changed.
-    base = AutoModelForCausalLM.from_pretrained(assets / "base")
+    base = AutoModelForCausalLM.from_pretrained(tiny_assets / "base")
     original = base.state_dict()
     n_adapter = n_base = 0
     for name, p in model.get_base_model().named_parameters():
@@ -279,8 +329,8 @@ def test_lora_trains_only_the_adapter_and_saves_adapter_and_merged(assets, tmp_p
     # inside compute_loss (rewards = beta * (policy - reference)).
     encoded = [trainer.eval_dataset[i] for i in range(4)]
     batch = trainer.data_collator(encoded)
-    expected_c = [seq_logp(base, e["chosen_input_ids"], e["chosen_loss_mask"]) for e in encoded]
-    expected_r = [seq_logp(base, e["rejected_input_ids"], e["rejected_loss_mask"]) for e in encoded]
+    expected_c = [logp(base, e["chosen_input_ids"], e["chosen_loss_mask"]) for e in encoded]
+    expected_r = [logp(base, e["rejected_input_ids"], e["rejected_loss_mask"]) for e in encoded]
     trainer.model.eval()
     ref_c, ref_r = trainer.compute_ref_log_probs(trainer.model, batch)
     torch.testing.assert_close(ref_c, torch.tensor(expected_c), rtol=1e-5, atol=1e-5)
@@ -303,7 +353,7 @@ def test_lora_trains_only_the_adapter_and_saves_adapter_and_merged(assets, tmp_p
 
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     assert not any("lora" in k for k in merged.state_dict())
-    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets / "base"), out)
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_assets / "base"), out)
     ids = torch.tensor([encoded[0]["chosen_input_ids"], encoded[0]["chosen_input_ids"][::-1]])
     with torch.no_grad():
         got = merged(input_ids=ids).logits
@@ -314,24 +364,3 @@ def test_lora_trains_only_the_adapter_and_saves_adapter_and_merged(assets, tmp_p
     assert (out / "merged" / "tokenizer.json").is_file()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The embedded default
-
-
-@pytest.mark.slow
-def test_quickstart_reaches_accuracy_and_writes_what_it_promises(tmp_path, monkeypatch):
-    from minidpo.quickstart import quickstart
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    out = tmp_path / "qs"
-    result = quickstart(output=str(out))
-    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    assert summary["eval_rewards/accuracies"] >= 0.9, summary
-    assert summary["eval_pairs"] > 0 and summary["paths"] == result["paths"]
-    for name, path in summary["paths"].items():
-        assert Path(path).exists(), f"{name}: {path} promised but missing"
-    model = out / "model"
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md", "summary.json"):
-        assert (model / name).is_file(), name
-    assert (out / "data" / "train.jsonl").is_file() and (out / "data" / "eval.jsonl").is_file()

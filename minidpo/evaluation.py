@@ -1,4 +1,5 @@
-"""`minidpo eval`: does the trained model prefer the chosen answers of held-out pairs more than its reference?
+"""Evaluation after training (`minidpo eval`): does the trained model prefer the chosen answers of held-out pairs
+more than its reference?
 
     minidpo eval --model runs/dpo --data data/eval.jsonl [--ref runs/sft] [--generate 5]
 
@@ -22,28 +23,14 @@ import shutil
 import textwrap
 from pathlib import Path
 
-from minidpo.cli import UserError
+from minidpo import loading
+from minidpo.errors import UserError
+from minidpo.files import write_text_atomic
+from minidpo.masking import encode_pair, is_scorable
+from minidpo.models import check_vocab, ensure_pad_token, load_causal_lm, load_tokenizer
 
 DEFAULT_BETA = 0.1  # MiniMind's and TRL's
-
-
-def add_arguments(parser):
-    parser.add_argument("--model", required=True, help="trained model folder (full model or LoRA adapter)")
-    parser.add_argument("--data", required=True, help="held-out pairs: MiniMind dpo.jsonl, TRL jsonl, or a `minidpo "
-                                                      "convert` directory (its eval split, else train)")
-    parser.add_argument("--ref", help="reference model folder (default: the base model the run was trained from)")
-    parser.add_argument("--output", help="directory for eval.json / eval.md (default: MODEL/eval)")
-    parser.add_argument("--generate", type=int, default=0, metavar="N",
-                        help="answer the first N prompts with the reference and the policy, side by side")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length for --generate")
-    parser.add_argument("--max-length", type=int, default=None,
-                        help="cut pairs like training did (default: the run's max_length from summary.json, else 1024)")
-    parser.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
-    parser.add_argument("--beta", type=float, default=None,
-                        help=f"DPO beta for rewards (default: the run's, from summary.json, else {DEFAULT_BETA})")
-    parser.add_argument("--mask-mode", default=None, help="minimind or last-turn (default: the run's, else minimind)")
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N pairs")
-    parser.add_argument("--seed", type=int, default=0, help="seed set before generating (greedy decoding)")
+DEFAULT_MAX_LENGTH = 1024  # TRL's DPOConfig default, when the run did not record one
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -74,66 +61,50 @@ def resolve_reference(model_dir: Path, ref: str | None) -> str:
         base = json.loads(config.read_text(encoding="utf-8")).get("_name_or_path")
         if base and Path(base).resolve() != model_dir.resolve():
             return base
-    raise UserError(f"cannot tell which model {model_dir} was trained from: pass --ref DIR (the reference model)")
+    raise UserError(f"cannot tell which model {model_dir} was trained from: pass --ref DIR (the reference model)",
+                    code="missing_path")
 
 
 def load_model(path: str, what: str):
-    """A causal LM from a model folder or a LoRA adapter folder (base loaded from the adapter config), eval mode."""
+    """A causal LM (model or LoRA adapter folder) in fp32 and eval mode, with TRL's fused LM head added."""
     import torch
+    from trl.trainer.utils import add_fused_lm_head
 
     p = Path(path).expanduser()
     if not p.exists():
-        raise UserError(f"{what} {str(p)!r} does not exist")
-    try:
-        if (p / "adapter_config.json").is_file():
-            from peft import AutoPeftModelForCausalLM
-
-            model = AutoPeftModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
-        else:
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the {what} from {str(p)!r}: {str(e).splitlines()[0]}") from None
-    from trl.trainer.utils import add_fused_lm_head
-
+        raise UserError(f"{what} {str(p)!r} does not exist", code="missing_path")
+    model = load_causal_lm(p, what=what, dtype=torch.float32)
     add_fused_lm_head(model.get_base_model() if hasattr(model, "get_base_model") else model)
     return model.eval()
 
 
-def load_tokenizer(model_dir: Path, ref: str):
-    from minidpo import data
-    from minidpo.trainer import ensure_pad_token
-
+def find_tokenizer(model_dir: Path, ref: str):
+    """The tokenizer saved with the model, else the reference's; eos pads when it has no pad token."""
     for candidate in (model_dir, Path(ref)):
         if (candidate / "tokenizer_config.json").is_file() or (candidate / "tokenizer.json").is_file():
-            tok = data.load_tokenizer(candidate)
-            try:
-                ensure_pad_token(tok)
-            except ValueError as e:
-                raise UserError(str(e)) from None
+            tok = load_tokenizer(candidate)
+            ensure_pad_token(tok)
             return tok
-    raise UserError(f"no tokenizer in {model_dir} or {ref}: save the tokenizer with the model")
+    raise UserError(f"no tokenizer in {model_dir} or {ref}: save the tokenizer with the model", code="missing_path")
 
 
 def load_pairs(path: str, tokenizer, limit: int | None) -> list[dict]:
-    from minidpo import data
-
+    """Held-out pairs: a convert directory's eval split (else its train split), or every pair of a file."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise UserError(f"--data {str(p)!r} does not exist")
-    records, rejects = data.load_trl_records(p, "eval", tokenizer)
+        raise UserError(f"--data {str(p)!r} does not exist", code="missing_path")
+    records, rejects = loading.load_trl_records(p, "eval", tokenizer)
     if not records:
-        records, rejects = data.load_trl_records(p, "train", tokenizer)
+        records, rejects = loading.load_trl_records(p, "train", tokenizer)
     if rejects:
         print(f"[minidpo eval] {len(rejects)} lines of {p} rejected (run `minidpo convert` to see why)")
     if not records:
-        raise UserError(f"no usable preference pair in {p}")
+        raise UserError(f"no usable preference pair in {p}", code="bad_data")
     return records[:limit] if limit else records
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Scoring
+# Reward metrics
 
 
 def sequence_logps(model, batch) -> tuple:
@@ -152,8 +123,7 @@ def sequence_logps(model, batch) -> tuple:
 
 def score_pairs(policy, ref, tokenizer, records, max_length, mask_mode="minimind", batch_size=8, beta=0.1):
     """Per-pair `{avg, sum}` policy and reference log-probs of both sides, and the aggregate metrics."""
-    from minidpo.masking import encode_pair, is_scorable
-    from minidpo.trainer import PairCollator
+    from minidpo.pairs import PairCollator
 
     collate = PairCollator(tokenizer.pad_token_id)
     encoded, skipped = [], 0
@@ -164,7 +134,7 @@ def score_pairs(policy, ref, tokenizer, records, max_length, mask_mode="minimind
         else:
             skipped += 1  # the trainer drops these too
     if not encoded:
-        raise UserError(f"no pair has a scored token at max_length={max_length}: raise --max-length")
+        raise UserError(f"no pair has a scored token at max_length={max_length}: raise --max-length", code="bad_data")
     rows = {f"{m}_{side}_{kind}": [] for m in ("policy", "ref") for side in ("chosen", "rejected")
             for kind in ("sum", "avg")}
     for start in range(0, len(encoded), batch_size):
@@ -256,9 +226,9 @@ def _cell(text: str) -> str:
 
 
 def write_outputs(out: Path, metrics: dict, samples: list[dict], model: str, ref: str, data: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    """eval.json (metrics and samples) and eval.md (the table people read) in `out`."""
     result = {"model": model, "reference": ref, "data": data, **metrics, "samples": samples}
-    (out / "eval.json").write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(out / "eval.json", json.dumps(result, ensure_ascii=False, indent=2) + "\n")
     lines = [f"# Evaluation of `{model}`", "", f"Reference `{ref}`, data `{data}`: {metrics['pairs']} pairs "
              f"(beta {metrics['beta']}, max_length {metrics['max_length']}, mask mode {metrics['mask_mode']}).", "",
              "| log-probs | reward accuracy | reward margin | chosen reward | rejected reward | sigmoid loss |",
@@ -275,7 +245,7 @@ def write_outputs(out: Path, metrics: dict, samples: list[dict], model: str, ref
                   "| --- | --- | --- | --- |"]
         lines += [f"| {_cell(_last_user(s['prompt']))} | {_cell(s['reference'])} | {_cell(s['policy'])} | "
                   f"{_cell(s['chosen'])} |" for s in samples]
-    (out / "eval.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(out / "eval.md", "\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -285,20 +255,17 @@ def evaluate(model, data, ref=None, output=None, generate_n=0, max_new_tokens=64
              beta=None, mask_mode=None, limit=None, seed=0) -> dict:
     model_dir = Path(model).expanduser()
     if not model_dir.is_dir():
-        raise UserError(f"--model {str(model_dir)!r} is not a model folder")
+        raise UserError(f"--model {str(model_dir)!r} is not a model folder", code="missing_path")
     run = _run_summary(model_dir).get("config", {})
     beta = beta if beta is not None else run.get("beta", DEFAULT_BETA)
-    max_length = max_length or run.get("max_length") or 1024
+    max_length = max_length or run.get("max_length") or DEFAULT_MAX_LENGTH
     mask_mode = mask_mode or run.get("mask_mode", "minimind")
     ref_path = resolve_reference(model_dir, ref)
-    tokenizer = load_tokenizer(model_dir, ref_path)
+    tokenizer = find_tokenizer(model_dir, ref_path)
     records = load_pairs(data, tokenizer, limit)
     policy = load_model(str(model_dir), "model")
     reference = load_model(ref_path, "reference model")
-    rows = reference.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows:
-        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the reference {ref_path} has {rows} "
-                        "embedding rows: pass the --ref the model was trained from")
+    check_vocab(tokenizer, reference, f"the reference {ref_path}", "pass the --ref the model was trained from")
     print(f"[minidpo eval] {len(records)} pairs; policy {model_dir}, reference {ref_path}; beta {beta}")
     metrics = score_pairs(policy, reference, tokenizer, records, max_length, mask_mode, batch_size, beta)
     samples = side_by_side(policy, reference, tokenizer, records, generate_n, max_new_tokens, seed) if generate_n else []
@@ -312,11 +279,3 @@ def evaluate(model, data, ref=None, output=None, generate_n=0, max_new_tokens=64
         print(format_terminal(samples))
     print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
     return {**metrics, "samples": samples, "output": str(out)}
-
-
-def run(args) -> int:
-    if args.generate < 0 or args.batch_size < 1:
-        raise UserError("--generate must be >= 0 and --batch-size >= 1")
-    evaluate(args.model, args.data, args.ref, args.output, args.generate, args.max_new_tokens, args.max_length,
-             args.batch_size, args.beta, args.mask_mode, args.limit, args.seed)
-    return 0

@@ -7,27 +7,35 @@ configs/quickstart.yaml (same parser, same `main`) → evaluation on the held-ou
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
 
-from minidpo.cli import UserError
+from minidpo.commands import new_parser
+from minidpo.errors import UserError
+from minidpo.files import write_text_atomic
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+HELP = "run the whole pipeline on the embedded tiny model and data (no downloads)"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 
 
-def add_arguments(parser):
+def make_parser(subparsers=None) -> argparse.ArgumentParser:
+    parser = new_parser("quickstart", HELP, subparsers)
     parser.add_argument("--output", default="quickstart-output", help="directory for everything the run writes")
     parser.add_argument("--pairs", type=int, default=1000, help="preference pairs to generate")
     parser.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share of the pairs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated model and data")
+    return parser
 
 
 def quickstart(output="quickstart-output", pairs=1000, eval_fraction=0.1, seed=0, extra_args=()) -> dict:
-    from minidpo import data, embedded, train
+    """Every step of the pipeline on the embedded default; returns (and writes) OUTPUT/summary.json's content."""
+    from minidpo import data_report, embedded, train
+    from minidpo.convert import convert_file, format_summary
 
     if not CONFIG.is_file():
-        raise UserError(f"{CONFIG} is missing: run the quickstart from a minidpo checkout")
+        raise UserError(f"{CONFIG} is missing: run the quickstart from a minidpo checkout", code="missing_path")
     out = Path(output)
     start = time.time()
 
@@ -36,14 +44,12 @@ def quickstart(output="quickstart-output", pairs=1000, eval_fraction=0.1, seed=0
 
     print(f"[2/4] {pairs} MiniMind-format preference pairs -> {out / 'dpo.jsonl'}; converting")
     raw = embedded.write_jsonl(embedded.make_preference_records(pairs, seed=seed), out / "dpo.jsonl")
-    stats = data.convert_file(raw, out / "data", tokenizer=tokenizer, max_length=256,
-                              eval_fraction=eval_fraction, seed=seed, progress=False)
-    print(data.format_summary(stats))
-    from minidpo import reports
-
-    report = reports.report_data(out / "data", tokenizer, out / "report", max_length=256,
-                                 tokenizer_name=str(out / "base-model"))
-    print(reports.format_data_report(report, out / "report"))
+    stats = convert_file(raw, out / "data", tokenizer=tokenizer, max_length=256, eval_fraction=eval_fraction,
+                         seed=seed, progress=False)
+    print(format_summary(stats))
+    report = data_report.report_data(out / "data", tokenizer, out / "report", max_length=256,
+                                     tokenizer_name=str(out / "base-model"))
+    print(data_report.format_data_report(report, out / "report"))
 
     print(f"[3/4] training with {CONFIG.name}")
     argv = ["--config", str(CONFIG), "--model_name_or_path", str(out / "base-model"),
@@ -68,7 +74,7 @@ def quickstart(output="quickstart-output", pairs=1000, eval_fraction=0.1, seed=0
             "summary": str(out / "summary.json"),
         },
     }
-    (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(out / "summary.json", json.dumps(result, indent=2) + "\n")
     acc = result.get("eval_rewards/accuracies")
     print(f"held-out reward accuracy: {acc:.3f} on {stats['eval']} pairs "
           f"(margin {result.get('eval_rewards/margins', float('nan')):.4f}); {result['wall_seconds']} s")
@@ -78,6 +84,6 @@ def quickstart(output="quickstart-output", pairs=1000, eval_fraction=0.1, seed=0
     return result
 
 
-def run(args) -> int:
+def main(args) -> int:
     quickstart(args.output, args.pairs, args.eval_fraction, args.seed)
     return 0

@@ -1,0 +1,210 @@
+"""`minidpo convert`'s work: stream a MiniMind dpo.jsonl into TRL records on disk, every line accounted for.
+
+Output directory: train.jsonl (and eval.jsonl with an eval fraction), rejects.jsonl (each bad line with its line
+number and reason) and stats.json (counts that add up, and token lengths when a tokenizer is given). Files are
+written under temporary names and renamed into place only when the whole run succeeds; stats.json comes last, so
+its presence means the files beside it are whole.
+"""
+
+import contextlib
+import json
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+
+from minidpo.errors import RecordError, UserError
+from minidpo.files import atomic_path, check_input_file, write_text_atomic
+from minidpo.masking import MASK_MODES, check_tokenizer, diagnose_pair
+from minidpo.records import in_eval_split, iter_jsonl_lines, parse_line, reject_entry, special_tokens
+
+_MAX_WARNINGS = 100  # warnings kept with their line numbers in stats.json; all are counted
+
+
+class LengthStats:
+    """Exact percentiles in O(distinct lengths) memory, so multi-GB inputs stay streaming."""
+
+    def __init__(self):
+        self.counts = Counter()
+
+    def add(self, n: int):
+        self.counts[n] += 1
+
+    def summary(self) -> dict:
+        total = sum(self.counts.values())
+        if not total:
+            return {}
+        items = sorted(self.counts.items())
+        out = {"min": items[0][0], "mean": round(sum(k * c for k, c in items) / total, 2)}
+        for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
+            rank, seen = max(1, math.ceil(total * q)), 0  # nearest-rank percentile
+            for k, c in items:
+                seen += c
+                if seen >= rank:
+                    out[name] = k
+                    break
+        out["max"] = items[-1][0]
+        return out
+
+
+def _pair_checker(tokenizer, max_length, mask_mode):
+    """`check(record) -> (encoded, issues)` through `minidpo.masking.diagnose_pair`, raising RecordError for
+    a fatal issue. UserError, before any record is read, when the tokenizer cannot be used at all."""
+    from jinja2 import TemplateError
+
+    check_tokenizer(tokenizer, max_length=max_length, mask_mode=mask_mode)
+
+    def check(record):
+        try:
+            encoded, issues = diagnose_pair(record, tokenizer, max_length=max_length, mask_mode=mask_mode)
+        except TemplateError as e:  # templates may refuse a record, e.g. Llama's "roles must alternate"
+            raise RecordError("template_error", f"the chat template refused this record: {e}") from None
+        fatal = next((i for i in issues if i.fatal), None)
+        if fatal is not None:
+            raise RecordError(fatal.code, fatal.message)
+        return encoded, issues
+
+    return check
+
+
+def _common_prefix(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@contextlib.contextmanager
+def _outputs(out_dir: Path, names):
+    """Open files `out_dir/name` for writing, each renamed into place only when the whole block succeeds, so a
+    crash or --strict stop never leaves a half-written file that looks complete."""
+    with contextlib.ExitStack() as stack:
+        tmp = {n: stack.enter_context(atomic_path(out_dir / n)) for n in names}
+        yield {n: stack.enter_context(open(p, "w", encoding="utf-8", newline="\n")) for n, p in tmp.items()}
+
+
+def _prepare_output_dir(path: Path):
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--output must be a directory, but {path} is a file", code="output_dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output directory {path}: {e.strerror}", code="output_dir") from None
+
+
+def convert_file(input_path, output_dir, tokenizer=None, max_length=None, mask_mode="minimind",
+                 eval_fraction=0.0, seed=0, strict=False, progress=True) -> dict:
+    """Stream a MiniMind dpo.jsonl into DIR/{train,eval,rejects}.jsonl + DIR/stats.json; returns the stats.
+
+    With a tokenizer, each pair also goes through `minidpo.masking.diagnose_pair`: fatal issues (nothing left
+    to score after truncation, ...) reject the record, others are counted as warnings.
+    Raises UserError for an unusable input/tokenizer, when nothing converts, and on the first bad record
+    when `strict`.
+    """
+    input_path, output_dir = Path(input_path), Path(output_dir)
+    check_input_file(input_path)
+    if not 0.0 <= eval_fraction < 1.0:
+        raise UserError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
+    if max_length is not None and (tokenizer is None or max_length < 1):
+        raise UserError("--max-length needs --tokenizer and a positive value")
+    if mask_mode not in MASK_MODES:
+        raise UserError(f"--mask-mode must be one of {', '.join(MASK_MODES)}, got {mask_mode!r}")
+    specials = special_tokens(tokenizer)
+    check = _pair_checker(tokenizer, max_length, mask_mode) if tokenizer is not None else None
+    _prepare_output_dir(output_dir)
+
+    stats = {"input": str(input_path), "output_dir": str(output_dir), "lines_read": 0, "records_read": 0,
+             "converted": 0, "train": 0, "eval": 0, "rejected": 0, "rejected_by_reason": Counter(),
+             "warnings_by_code": Counter(), "warnings": []}
+    lengths = {k: LengthStats() for k in ("prompt", "chosen", "rejected", "chosen_scored", "rejected_scored")}
+    names = ["train.jsonl", "rejects.jsonl"] + (["eval.jsonl"] if eval_fraction > 0 else [])
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=input_path.stat().st_size, unit="B", unit_scale=True, desc="convert", file=sys.stderr,
+               disable=None if progress else True)  # None: off when stderr is not a terminal
+    try:
+        with _outputs(output_dir, names) as out:
+            for n, raw in iter_jsonl_lines(input_path):
+                stats["lines_read"] = n
+                bar.update(len(raw) + 1)
+                if not raw.strip():
+                    continue
+                stats["records_read"] += 1
+                try:
+                    record = parse_line(raw, "minimind", specials)
+                    encoded, issues = check(record) if check is not None else (None, [])
+                except RecordError as err:
+                    if strict:
+                        raise UserError(f"{input_path}:{n}: {err.code}: {err.message} (--strict)",
+                                        code="bad_data") from None
+                    stats["rejected"] += 1
+                    stats["rejected_by_reason"][err.code] += 1
+                    out["rejects.jsonl"].write(json.dumps(reject_entry(n, raw, err), ensure_ascii=False) + "\n")
+                    continue
+                for issue in issues:
+                    stats["warnings_by_code"][issue.code] += 1
+                    if len(stats["warnings"]) < _MAX_WARNINGS:
+                        stats["warnings"].append({"line": n, "code": issue.code, "message": issue.message})
+                if check is not None:
+                    _add_lengths(lengths, encoded)
+                line = json.dumps(record, ensure_ascii=False)
+                split = ("eval" if eval_fraction > 0 and in_eval_split(line.encode("utf-8"), seed, eval_fraction)
+                         else "train")
+                out[f"{split}.jsonl"].write(line + "\n")
+                stats[split] += 1
+                stats["converted"] += 1
+    finally:
+        bar.close()
+    if eval_fraction == 0:
+        (output_dir / "eval.jsonl").unlink(missing_ok=True)  # a stale split from an earlier run would be loaded
+    assert stats["converted"] + stats["rejected"] == stats["records_read"], stats
+    stats = _write_stats(output_dir, stats, lengths, check is not None)
+    if not stats["records_read"]:
+        raise UserError(f"no records in {input_path} (the file is empty or holds only blank lines)", code="bad_data")
+    if not stats["converted"]:
+        raise UserError(f"no record converted: all {stats['rejected']} rejected "
+                        f"({_reason_list(stats['rejected_by_reason'])}); see {output_dir / 'rejects.jsonl'}",
+                        code="bad_data")
+    return stats
+
+
+def _add_lengths(lengths, enc):
+    c, r = enc["chosen_input_ids"], enc["rejected_input_ids"]
+    lengths["prompt"].add(_common_prefix(c, r))
+    lengths["chosen"].add(len(c))
+    lengths["rejected"].add(len(r))
+    lengths["chosen_scored"].add(sum(enc["chosen_loss_mask"]))
+    lengths["rejected_scored"].add(sum(enc["rejected_loss_mask"]))
+
+
+def _write_stats(output_dir: Path, stats: dict, lengths: dict, tokenized: bool) -> dict:
+    stats = dict(stats, rejected_by_reason=dict(stats["rejected_by_reason"].most_common()),
+                 warnings_by_code=dict(stats["warnings_by_code"].most_common()))
+    if tokenized:
+        # "prompt" is the shared token prefix of the two rendered sides (the prompt plus any common answer start)
+        stats["token_lengths"] = {k: v.summary() for k, v in lengths.items()}
+    write_text_atomic(output_dir / "stats.json", json.dumps(stats, ensure_ascii=False, indent=2) + "\n")
+    return stats
+
+
+def _reason_list(counts) -> str:
+    return ", ".join(f"{code} {n}" for code, n in Counter(counts).most_common())
+
+
+def format_summary(stats: dict) -> str:
+    """What `minidpo convert` prints: counts, reject reasons, warnings, token lengths and the files written."""
+    out = Path(stats["output_dir"])
+    lines = [f"converted {stats['converted']:,} of {stats['records_read']:,} records "
+             f"(train {stats['train']:,}, eval {stats['eval']:,}); rejected {stats['rejected']:,}"]
+    lines += [f"  rejected {code}: {n:,}" for code, n in stats["rejected_by_reason"].items()]
+    lines += [f"  warning {code}: {n:,}" for code, n in stats["warnings_by_code"].items()]
+    for key, s in stats.get("token_lengths", {}).items():
+        if s:
+            lines.append(f"  tokens {key}: min {s['min']} mean {s['mean']} p50 {s['p50']} p90 {s['p90']} "
+                         f"p99 {s['p99']} max {s['max']}")
+    files = ["train.jsonl"] + (["eval.jsonl"] if stats["eval"] or (out / "eval.jsonl").exists() else [])
+    lines.append("wrote " + ", ".join(str(out / f) for f in files + ["rejects.jsonl", "stats.json"]))
+    return "\n".join(lines)

@@ -1,0 +1,74 @@
+"""Reading preference data for training, evaluation and reports: any supported input as clean TRL records.
+
+Supported inputs: a MiniMind dpo.jsonl, a TRL conversational jsonl (prompt/chosen/rejected message lists), or a
+directory written by `minidpo convert` (its train.jsonl / eval.jsonl). Lines that fail validation come back as
+rejects (rejects.jsonl entries), never dropped.
+"""
+
+import json
+from pathlib import Path
+
+from minidpo.errors import RecordError, UserError
+from minidpo.files import check_input_file
+from minidpo.records import in_eval_split, iter_jsonl_lines, parse_line, reject_entry, special_tokens
+
+
+def detect_format(path) -> str:
+    """"convert-dir" (output of `minidpo convert`), "trl" (prompt/chosen/rejected lines) or "minimind"."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "train.jsonl").is_file():
+            return "convert-dir"
+        raise UserError(f"{path} is a directory without train.jsonl (expected the output of `minidpo convert`)",
+                        code="bad_data")
+    check_input_file(path)
+    for n, raw in iter_jsonl_lines(path):
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue  # one bad line should not hide the format; it becomes a reject later
+        if isinstance(obj, dict) and "prompt" in obj:
+            return "trl"
+        if isinstance(obj, dict) and ("chosen" in obj or "rejected" in obj):
+            return "minimind"
+        if n >= 1000:
+            break
+    raise UserError(f"cannot tell the format of {path}: expected JSON lines with chosen/rejected (MiniMind) "
+                    "or prompt/chosen/rejected (TRL)", code="bad_data")
+
+
+def load_trl_records(path, split: str = "train", tokenizer=None):
+    """Read any supported input into memory as clean TRL records: `(records, rejects)`.
+
+    `rejects` are dicts like rejects.jsonl lines. A convert directory gives its `split` ("train" or "eval",
+    the latter empty when it was written without --eval-fraction); a single file is all "train".
+    """
+    fmt = detect_format(path)
+    path = Path(path)
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if fmt == "convert-dir":
+        path = path / f"{split}.jsonl"
+        if not path.is_file():
+            return [], []
+    elif split == "eval":
+        return [], []
+    specials = special_tokens(tokenizer)
+    records, rejects = [], []
+    for n, raw in iter_jsonl_lines(path):
+        if not raw.strip():
+            continue
+        try:
+            records.append(parse_line(raw, "minimind" if fmt == "minimind" else "trl", specials))
+        except RecordError as err:
+            rejects.append(reject_entry(n, raw, err))
+    return records, rejects
+
+
+def split_records(records: list, fraction: float, seed: int = 0) -> tuple[list, list]:
+    """(train, eval) with the same rule `convert --eval-fraction` applies to its output lines."""
+    train, evals = [], []
+    for r in records:
+        (evals if in_eval_split(json.dumps(r, ensure_ascii=False).encode("utf-8"), seed, fraction)
+         else train).append(r)
+    return train, evals
