@@ -48,11 +48,13 @@ def load_checkpoint(path) -> dict:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
     except Exception as e:
-        raise UserError(f"cannot read {path} as a PyTorch state_dict with weights_only=True: {e}", code="bad_checkpoint") from None
+        raise UserError(f"cannot read {path} as a PyTorch state_dict with weights_only=True: {e}",
+                        code="bad_checkpoint") from None
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
         sd = sd["model"]  # a MiniMind resume checkpoint ({"model", "optimizer", ...}) holds the weights under "model"
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError(f"{path} is not a plain state_dict of tensors (what MiniMind saves as out/*.pth)", code="bad_checkpoint")
+        raise UserError(f"{path} is not a plain state_dict of tensors (what MiniMind saves as out/*.pth)",
+                        code="bad_checkpoint")
     return sd
 
 
@@ -73,7 +75,8 @@ def detect_version(sd: dict, version=None) -> str:
         raise UserError(f"unknown --version {version!r}; choose one of {', '.join(VERSIONS)}", code="bad_option")
     if version is not None and version != found:
         why = "has" if found == "minimind3" else "has no"
-        raise UserError(f"--version {version} does not fit this checkpoint: it {why} q_norm/k_norm, so it is {found}", code="bad_checkpoint")
+        raise UserError(f"--version {version} does not fit this checkpoint: it {why} q_norm/k_norm, so it is {found}",
+                        code="bad_checkpoint")
     return found
 
 
@@ -146,7 +149,8 @@ def _check_shapes(sd: dict, arch: dict):
            if tuple(sd[k].shape) != s]
     if bad:
         raise UserError(f"tensor shapes fit no known {arch['version']} layout "
-                        f"(hidden {arch['hidden_size']}, head_dim {arch['head_dim']}): {'; '.join(bad[:3])}", code="bad_checkpoint")
+                        f"(hidden {arch['hidden_size']}, head_dim {arch['head_dim']}): {'; '.join(bad[:3])}",
+                        code="bad_checkpoint")
 
 
 def build_config(arch: dict, tokenizer=None):
@@ -175,7 +179,8 @@ def import_minimind(ckpt_path, tokenizer_dir, output_dir, version=None, **overri
     tokenizer = load_tokenizer(tokenizer_dir)
     if len(tokenizer) != arch["vocab_size"]:
         raise UserError(f"the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens but the checkpoint's "
-                        f"embedding has {arch['vocab_size']} rows: use the tokenizer this model was trained with", code="bad_tokenizer")
+                        f"embedding has {arch['vocab_size']} rows: use the tokenizer this model was trained with",
+                        code="bad_tokenizer")
 
     config = build_config(arch, tokenizer)
     # fp32 like MiniMind's own training (it loads the fp16 file into fp32 parameters), so a trainer that
@@ -205,7 +210,8 @@ def _load_for_export(model_dir: Path):
     base_dir = json.loads(adapter_config.read_text()).get("base_model_name_or_path") or ""
     if not (Path(base_dir) / "config.json").is_file():
         raise UserError(f"the LoRA adapter in {model_dir} names base model {base_dir!r}, which is not a local "
-                        "model folder; merging needs the base model (the folder `minidpo import-minimind` wrote)", code="bad_model")
+                        "model folder; merging needs the base model (the folder `minidpo import-minimind` wrote)",
+                        code="bad_model")
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     return PeftModel.from_pretrained(base, model_dir).merge_and_unload()
 
@@ -231,7 +237,8 @@ def export_minimind(model_dir, output_path) -> dict:
     expected = minimind_keys(version, config.num_hidden_layers)
     if set(sd) != set(expected):
         extra, missing = sorted(set(sd) - set(expected)), sorted(set(expected) - set(sd))
-        raise UserError(f"model keys do not map onto MiniMind's: extra {extra[:3]}, missing {missing[:3]}", code="bad_model")
+        raise UserError(f"model keys do not map onto MiniMind's: extra {extra[:3]}, missing {missing[:3]}",
+                        code="bad_model")
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: sd[k] for k in expected}, output_path)

@@ -238,7 +238,8 @@ class MiniDPOTrainer(DPOTrainer):
         if not all(isinstance(first.get(k), list) for k in ("prompt", "chosen", "rejected")):
             raise ValueError(
                 f"{dataset_name} dataset: expected conversational TRL records (prompt/chosen/rejected message lists), "
-                f"got columns {sorted(first)}. Convert MiniMind dpo.jsonl with `minidpo convert` or minidpo.records.to_trl_record.")
+                f"got columns {sorted(first)}. Convert MiniMind dpo.jsonl with `minidpo convert` or "
+                "minidpo.records.to_trl_record.")
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         # The fingerprint names the cache files of this map and of TRL's precomputed reference log-probs, so it
         # carries every setting those depend on (length_normalize changes the reference values, not the ids).

@@ -18,6 +18,7 @@ TRAIN_PY = REPO / "minidpo" / "train.py"
 # Hang guard of a subprocess (a training launch, a bench run): each takes seconds to a minute on 2 idle cores, and
 # must not fail only because the machine is busy (load 8 on 2 cores is 4x slower), so ten times that and more.
 SUBPROCESS_TIMEOUT = 900
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def shared_path(*parts) -> Path:
@@ -52,6 +53,11 @@ def save_small_model(path: Path, tokenizer_edit=None, vocab_size=None) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def is_png(path) -> bool:
+    """A PNG file with a picture in it (an empty figure is under 2 kB)."""
+    return path.is_file() and path.read_bytes()[:8] == PNG and path.stat().st_size > 2000
 
 
 def to_trl(record: dict) -> dict:

@@ -14,14 +14,12 @@ import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers import write_tiny_assets
+from helpers import REPO, SUBPROCESS_TIMEOUT, write_tiny_assets
 
-REPO = Path(__file__).resolve().parents[1]
 REPO_ID = "tester/minidpo-test"
 
 
@@ -147,7 +145,7 @@ def test_push_to_hub_commits_weights_tokenizer_and_card_without_leaking_the_toke
                    NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
                    PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
         proc = subprocess.run([sys.executable, "minidpo/train.py", "--config", str(tmp_path / "push.yaml")],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
         requests = list(hub.requests)
 
     log = proc.stdout + proc.stderr
@@ -173,6 +171,9 @@ def test_push_to_hub_commits_weights_tokenizer_and_card_without_leaking_the_toke
     assert final["files"]["model.safetensors"] == (out / "model.safetensors").read_bytes()
     card = final["files"]["README.md"].decode("utf-8")
     assert "## minidpo" in card, "the pushed model card lost minidpo's data/config/metrics sections"
+    # Checkpoint pushes carry the card of their step, minidpo's sections included (create_model_card override).
+    checkpoint_cards = [c["files"]["README.md"].decode("utf-8") for c in hub.commits[:-1] if "README.md" in c["files"]]
+    assert checkpoint_cards and all(c.count("## minidpo") == 1 for c in checkpoint_cards)
 
     # The token went in the Authorization header of every request, and nowhere else.
     api = [r for r in requests if r["path"].startswith("/api/")]

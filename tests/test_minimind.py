@@ -7,7 +7,8 @@ import torch
 from helpers import shared_path
 from transformers import AutoModelForCausalLM
 
-from minidpo.cli import UserError, main
+from minidpo.cli import main
+from minidpo.errors import UserError
 from minidpo.minimind import export_minimind, import_minimind, infer_architecture, minimind_keys
 
 VOCAB = 48

@@ -1,5 +1,5 @@
-"""Scaling out and surviving faults (issue 4): Accelerate configs, DDP == one process, exact resume, preemption,
-determinism, reference log-probs precomputed once across processes.
+"""Scaling out and surviving faults, end to end: DDP == one process, exact resume after SIGKILL, preemption by
+SIGTERM, determinism, reference log-probs precomputed once across processes.
 
 Everything runs on CPU with the embedded tiny Llama. The multi-process tests launch `accelerate launch
 --config_file configs/accelerate/cpu_ddp.yaml` (2 processes, gloo). This file is also the worker script of the
@@ -20,11 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import write_tiny_assets
+from helpers import REPO, SUBPROCESS_TIMEOUT, TRAIN_PY, subprocess_env, write_tiny_assets
 
-REPO = Path(__file__).resolve().parents[1]
 ACCEL = REPO / "configs" / "accelerate"
-TRAIN_PY = REPO / "minidpo" / "train.py"
 N_PAIRS = 48
 
 # Mirrors the quickstart's scoring; small and fast. cosine + warmup so resume must restore the scheduler too.
@@ -51,11 +49,8 @@ BASE_CONFIG = {
 }
 
 
-def _env(threads=1):
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return env
+def _env():
+    return subprocess_env(threads=1)  # one thread per process, as train_in_process runs: results compare bitwise
 
 
 @pytest.fixture(scope="module")
@@ -124,177 +119,6 @@ def step_losses(checkpoint: Path) -> dict[int, float]:
 
 
 # -------------------------------------------------------------------------------------------------------------
-# 1. Accelerate configs: every file loads with Accelerate's own config loading and passes `accelerate launch`'s
-#    validation; no GPU here, so the GPU ones are parsed and validated, not run.
-
-EXPECTED = {
-    "cpu_ddp.yaml": "MULTI_GPU",  # the torchrun launcher; the processes run MULTI_CPU (see the file)
-    "single_gpu.yaml": "NO", "multi_gpu.yaml": "MULTI_GPU",
-    "deepspeed_zero2.yaml": "DEEPSPEED", "deepspeed_zero3.yaml": "DEEPSPEED", "fsdp2.yaml": "FSDP",
-    "multi_node.yaml": "MULTI_GPU",
-}
-
-
-def test_every_expected_config_exists():
-    assert sorted(p.name for p in ACCEL.glob("*.yaml")) == sorted(EXPECTED)
-
-
-@pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_accelerate_config_loads_and_validates(name):
-    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-
-    path = ACCEL / name
-    cfg = load_config_from_file(str(path))  # rejects unknown top-level keys
-    assert isinstance(cfg, ClusterConfig)
-    assert cfg.distributed_type.value == EXPECTED[name]
-
-    # What `accelerate launch --config_file X minidpo/train.py --config ...` does before starting processes.
-    parser = launch_command_parser()
-    args = parser.parse_args(["--config_file", str(path), str(TRAIN_PY), "--config", "configs/quickstart.yaml"])
-    args, defaults, _ = _validate_launch_command(args)
-    assert args.training_script == str(TRAIN_PY) and args.training_script_args[:1] == ["--config"]
-    assert args.num_processes == cfg.num_processes >= 1
-    # Nested keys are copied onto launch arguments without any check by Accelerate: make sure each is one.
-    known = vars(parser.parse_args([str(TRAIN_PY)]))
-    for section, prefix in (("deepspeed_config", ""), ("fsdp_config", "fsdp_")):
-        for key in (getattr(cfg, section) or {}):
-            name_ = key if key.startswith(prefix) else prefix + key
-            assert name_ in known, f"{name}: {section}.{key} is not an `accelerate launch` option"
-
-    if name == "cpu_ddp.yaml":
-        # MULTI_CPU would make `accelerate launch` start a single process (no MPI here): torchrun must start 2.
-        assert cfg.use_cpu and args.multi_gpu and cfg.num_processes == 2
-    elif name.startswith("deepspeed"):
-        stage = int(cfg.deepspeed_config["zero_stage"])
-        assert args.use_deepspeed and stage == int(name[-6])
-        # Left out so DeepSpeed takes them from the training config ("auto") and cannot disagree with it.
-        assert "gradient_accumulation_steps" not in cfg.deepspeed_config
-        if stage == 3:
-            assert cfg.deepspeed_config["zero3_init_flag"] is True
-            assert cfg.deepspeed_config["zero3_save_16bit_model"] is True
-    elif name == "fsdp2.yaml":
-        assert args.use_fsdp
-        assert int(cfg.fsdp_config["fsdp_version"]) == 2
-        assert cfg.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-    elif name == "multi_node.yaml":
-        assert cfg.num_machines > 1 and cfg.main_process_ip and cfg.main_process_port
-        text = path.read_text()
-        for field in ("num_machines", "num_processes", "machine_rank", "main_process_ip", "main_process_port"):
-            line = next(l for l in text.splitlines() if l.startswith(field + ":"))
-            assert "FILL IN" in line, f"{field} is not marked for the user to fill in"
-    elif name in ("multi_gpu.yaml",):
-        assert args.multi_gpu and not cfg.use_cpu
-
-
-def test_fsdp2_config_builds_accelerates_plugin(monkeypatch):
-    """Beyond parsing: the environment `accelerate launch` sets from fsdp2.yaml builds a valid FSDP2 plugin."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    from accelerate.utils.launch import prepare_multi_gpu_env
-
-    args = launch_command_parser().parse_args(["--config_file", str(ACCEL / "fsdp2.yaml"), str(TRAIN_PY)])
-    args, _, _ = _validate_launch_command(args)
-    env = prepare_multi_gpu_env(args)
-    for k, v in env.items():
-        if k.startswith("FSDP_") or k.startswith("ACCELERATE_"):
-            monkeypatch.setenv(k, v)
-    plugin = FullyShardedDataParallelPlugin()
-    assert plugin.fsdp_version == 2
-    assert plugin.reshard_after_forward is True
-    assert "FULL_STATE_DICT" in str(plugin.state_dict_type)
-
-
-# -------------------------------------------------------------------------------------------------------------
-# 3. resolve_resume: path or "true"; the newest COMPLETE checkpoint; clear errors.
-
-
-def _fake_checkpoint(folder: Path, step: int, *, state=True, weights_ok=True) -> Path:
-    import torch
-    from safetensors.torch import save_file
-
-    ckpt = folder / f"checkpoint-{step}"
-    ckpt.mkdir(parents=True)
-    save_file({"w": torch.zeros(64)}, str(ckpt / "model.safetensors"))
-    if not weights_ok:  # killed while writing the weights
-        data = (ckpt / "model.safetensors").read_bytes()
-        (ckpt / "model.safetensors").write_bytes(data[: len(data) - 100])
-    if state:
-        (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
-    return ckpt
-
-
-def _args(output_dir, resume):
-    from types import SimpleNamespace
-
-    return SimpleNamespace(output_dir=str(output_dir), resume_from_checkpoint=resume)
-
-
-def test_resolve_resume_values(tmp_path):
-    from minidpo.cli import UserError
-    from minidpo.resilience import resolve_resume
-
-    assert resolve_resume(_args(tmp_path, None)) is None
-    assert resolve_resume(_args(tmp_path, "false")) is None
-    good = _fake_checkpoint(tmp_path, 4)
-    _fake_checkpoint(tmp_path, 2)
-    for value in ("true", "True", "TRUE", True):
-        assert resolve_resume(_args(tmp_path, value)) == str(good)
-    assert resolve_resume(_args(tmp_path / "elsewhere", str(good))) == str(good)  # a path: used as given
-    assert resolve_resume(_args(tmp_path / "elsewhere", str(tmp_path))) == str(good)  # a run dir: its newest
-    with pytest.raises(UserError, match="does not exist"):
-        resolve_resume(_args(tmp_path, str(tmp_path / "checkpoint-99")))
-    with pytest.raises(UserError, match="no complete checkpoint"):
-        resolve_resume(_args(tmp_path / "empty", "true"))
-
-
-def test_resolve_resume_skips_half_written_checkpoints(tmp_path, capsys):
-    from minidpo.cli import UserError
-    from minidpo.resilience import checkpoint_problem, resolve_resume
-
-    good = _fake_checkpoint(tmp_path, 6)
-    no_state = _fake_checkpoint(tmp_path, 8, state=False)          # killed before trainer_state.json
-    truncated = _fake_checkpoint(tmp_path, 10, weights_ok=False)     # weights cut short
-    bad_json = _fake_checkpoint(tmp_path, 12)
-    (bad_json / "trainer_state.json").write_text('{"global_step": 12, "log_hi')  # killed while writing the state
-    (tmp_path / "checkpoint-14").mkdir()                              # killed right after mkdir
-    assert checkpoint_problem(good) is None
-    assert "trainer_state.json" in checkpoint_problem(no_state)
-    assert "truncated" in checkpoint_problem(truncated)
-    assert "unreadable" in checkpoint_problem(bad_json)
-
-    from transformers.trainer_utils import get_last_checkpoint
-    assert get_last_checkpoint(str(tmp_path)).endswith("checkpoint-14")  # Trainer's own pick would be the broken one
-    assert resolve_resume(_args(tmp_path, "true")) == str(good)
-    assert "skipping" in capsys.readouterr().out
-    with pytest.raises(UserError, match="not a complete checkpoint.*newest complete one is .*checkpoint-6"):
-        resolve_resume(_args(tmp_path, str(no_state)))
-    only_broken = tmp_path / "broken"
-    _fake_checkpoint(only_broken, 2, state=False)
-    with pytest.raises(UserError, match="1 incomplete skipped"):
-        resolve_resume(_args(only_broken, "true"))
-
-
-def test_multi_process_launch_that_would_not_be_distributed_is_refused(monkeypatch):
-    from types import SimpleNamespace
-
-    from minidpo.cli import UserError
-    from minidpo.resilience import check_launch
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError, match="use_cpu: true"):
-        check_launch(SimpleNamespace(world_size=1, use_cpu=False))
-    check_launch(SimpleNamespace(world_size=2, use_cpu=True))
-
-
-def test_train_cli_reports_missing_checkpoint_cleanly(assets, tmp_path):
-    from minidpo import train
-
-    config = write_config(tmp_path / "c.yaml", assets, tmp_path / "out")
-    assert train.run(["--config", str(config), "--resume_from_checkpoint", "true"]) == 2
-
-
-# -------------------------------------------------------------------------------------------------------------
 # Shared reference: one uninterrupted single-process run (8 steps, checkpoints every 2), batches recorded.
 
 
@@ -357,7 +181,7 @@ def test_cpu_ddp_matches_single_process(assets, reference, tmp_path):
                           save_steps=8)
     t = time.time()
     proc = subprocess.run(launch_cmd(str(TRAIN_PY), "--config", str(config), config_file="cpu_ddp.yaml"),
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ddp_losses = step_losses(tmp_path / "ddp" / "checkpoint-8")
     ref_losses = reference["losses"]
@@ -391,7 +215,7 @@ def _precompute_worker(config: str, dump: str):
 
     MiniDPOTrainer.compute_ref_log_probs = compute_ref_log_probs
     script_args, training_args, model_args = train.parse(["--config", config])
-    tokenizer = train.load_tokenizer(model_args, False)
+    tokenizer = train.prepare_tokenizer(model_args, False)
     pairs, _, _ = train.load_pairs(script_args, tokenizer, training_args)
     model = train.load_model(model_args, tokenizer, False)
     result = {}
@@ -431,7 +255,7 @@ def precomputed(assets, tmp_path_factory):
         cmd = launch_cmd(*args, config_file="cpu_ddp.yaml") if world == 2 else [sys.executable, *args]
         # A fresh minidpo ref-logp cache (MiniDPOTrainer keeps one across runs): every pair must really be scored.
         env = dict(_env(), MINIDPO_CACHE=str(tmp / "ref-cache"))
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
         assert proc.returncode == 0, f"{label}:\n" + proc.stdout[-3000:] + proc.stderr[-5000:]
         dumps[label] = [json.loads((tmp / f"{label}.{r}.json").read_text()) for r in range(world)]
     return dumps
@@ -483,7 +307,7 @@ class _Proc:
     def output(self):
         return "".join(self.lines)
 
-    def wait_for(self, predicate, timeout=240, what="condition"):
+    def wait_for(self, predicate, timeout=SUBPROCESS_TIMEOUT, what="condition"):
         end = time.time() + timeout
         while time.time() < end:
             if predicate():
@@ -494,7 +318,7 @@ class _Proc:
         self.p.kill()
         raise AssertionError(f"timed out waiting for {what}:\n{self.output[-4000:]}")
 
-    def finish(self, timeout=120):
+    def finish(self, timeout=SUBPROCESS_TIMEOUT):
         rc = self.p.wait(timeout=timeout)
         self._reader.join(timeout=10)
         return rc

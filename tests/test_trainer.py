@@ -1,42 +1,21 @@
-"""MiniDPOTrainer's loss equals the seed's formula, computed independently with full-vocabulary logits."""
+"""MiniDPOTrainer: its loss, gradients and logged metrics equal the seed's formula computed independently with
+full-vocabulary logits, on exactly encode_pair's masks; its speed levers (packed pair rows, one pair per forward,
+group_by_length) keep them; its model card carries minidpo's sections."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
+from helpers import perturbed_policy, seq_logp, to_trl
 from minidpo.embedded import build_tiny_model, build_tokenizer, make_preference_records
 from minidpo.trainer import MiniDPOConfig, MiniDPOTrainer
-
-
-def to_trl(record):
-    return {"prompt": record["chosen"][:-1], "chosen": record["chosen"][-1:], "rejected": record["rejected"][-1:]}
 
 
 def records(multi_turn: bool, n: int = 4):
     pool = [to_trl(r) for r in make_preference_records(200, seed=3, multi_turn_fraction=0.5)]
     picked = [r for r in pool if (sum(m["role"] == "assistant" for m in r["prompt"]) > 0) == multi_turn]
     return picked[:n]
-
-
-def perturbed_policy(tok, scale=0.3):
-    """Same init as the reference, moved away from it deterministically so the log-ratios are far from 0."""
-    model = build_tiny_model(tok, seed=0)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
-    return model
-
-
-def seq_logp(model, ids, mask, average):
-    """Full-sequence forward, log-softmax over the whole vocabulary, masked sum or mean (the seed's dpo_loss)."""
-    ids_t = torch.tensor([ids])
-    logits = model(input_ids=ids_t).logits[0, :-1].float()
-    logp = torch.log_softmax(logits, dim=-1).gather(1, ids_t[0, 1:, None]).squeeze(1)
-    m = torch.tensor(mask[1:], dtype=logp.dtype)
-    total = (logp * m).sum()
-    return total / m.sum().clamp_min(1e-8) if average else total
 
 
 def reference_loss(policy, ref, encoded, beta, loss_type, average):
@@ -101,24 +80,44 @@ def test_loss_and_gradients_match_independent_formula(tmp_path, multi_turn, leng
                                    msg=f"gradient of {name}")
 
 
-def test_logged_rewards_are_length_averaged(tmp_path):
+def _teach(model, encoded, steps=3):
+    """A few language-modelling steps on the chosen sequences, so the model predicts some of their tokens (a
+    random model predicts none, and token accuracy would prove nothing)."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        for e in encoded:
+            ids = torch.tensor([e["chosen_input_ids"]])
+            model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_logged_metrics_are_length_averaged(tmp_path):
     tok = build_tokenizer()
     data = records(False)
     trainer = trainer_for(tmp_path, tok, data, "sigmoid", True, beta=3.0)
     encoded = [trainer.train_dataset[i] for i in range(len(data))]
-    trainer.model.eval()
+    policy, ref = trainer.model, build_tiny_model(tok, seed=0)
+    _teach(policy, encoded)
+    policy.eval()
     with torch.no_grad():
-        trainer.compute_loss(trainer.model, trainer.data_collator(encoded))
-    policy, ref = perturbed_policy(tok), build_tiny_model(tok, seed=0)
-    with torch.no_grad():
+        trainer.compute_loss(policy, trainer.data_collator(encoded))
         chosen = [3.0 * (seq_logp(policy, e["chosen_input_ids"], e["chosen_loss_mask"], True)
                          - seq_logp(ref, e["chosen_input_ids"], e["chosen_loss_mask"], True)) for e in encoded]
         logps = [seq_logp(policy, e["rejected_input_ids"], e["rejected_loss_mask"], True) for e in encoded]
     metrics = trainer._metrics["eval"]
     assert metrics["rewards/chosen"][-1] == pytest.approx(torch.stack(chosen).mean().item(), rel=1e-5)
     assert metrics["logps/rejected"][-1] == pytest.approx(torch.stack(logps).mean().item(), rel=1e-5)
-    # the per-token metrics still count tokens, not sequences
-    assert 0.0 <= metrics["mean_token_accuracy"][-1] <= 1.0
+    # the per-token metrics still count tokens, not sequences: top-1 hits over every scored chosen token
+    hits = scored = 0
+    with torch.no_grad():
+        for e in encoded:
+            ids, mask = torch.tensor(e["chosen_input_ids"]), torch.tensor(e["chosen_loss_mask"][1:], dtype=torch.bool)
+            predicted = policy(input_ids=ids[None]).logits[0, :-1].argmax(-1)
+            hits += (predicted == ids[1:])[mask].sum().item()
+            scored += mask.sum().item()
+    assert 0 < hits < scored, "a policy that predicts none or all of the tokens cannot tell token from sequence counts"
+    assert metrics["mean_token_accuracy"][-1] == pytest.approx(hits / scored, rel=1e-6)
 
 
 def test_trains_on_exactly_encode_pair_masks(tmp_path):
@@ -138,4 +137,109 @@ def test_config_rejects_incompatible_losses(tmp_path):
         MiniDPOConfig(output_dir=str(tmp_path), mask_mode="all", report_to="none")
     cfg = MiniDPOConfig(output_dir=str(tmp_path), report_to="none")
     assert cfg.length_normalize and cfg.mask_mode == "minimind"
-    assert cfg.bf16 == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+@pytest.mark.parametrize("cuda,bf16_supported,expected", [(False, False, False), (True, True, True),
+                                                           (True, False, False)])
+def test_bf16_by_default_only_where_the_gpu_has_it(monkeypatch, cuda, bf16_supported, expected):
+    from minidpo import trainer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
+    assert trainer._default_bf16() is expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only defaults")
+def test_cpu_defaults_start_without_flags(tmp_path):
+    """Stock TRL defaults to bf16 and refuses a CPU without `use_cpu`; MiniDPOConfig trains in fp32 there, and an
+    explicit `bf16: true` switches on what Transformers needs for CPU autocast."""
+    cfg = MiniDPOConfig(output_dir=str(tmp_path), report_to="none")
+    assert cfg.bf16 is False and cfg.use_cpu is False and not cfg.activation_checkpointing
+    assert MiniDPOConfig(output_dir=str(tmp_path), report_to="none", bf16=True).use_cpu is True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Speed levers keep the loss
+
+
+def _loss_and_grads(tmp_path, data, **kw):
+    tok = build_tokenizer()
+    policy = perturbed_policy(tok)
+    args = MiniDPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=len(data), beta=5.0,
+                         report_to="none", max_length=512, **kw)
+    trainer = MiniDPOTrainer(policy, ref_model=None if args.precompute_ref_log_probs else build_tiny_model(tok),
+                             args=args, train_dataset=Dataset.from_list(data), processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(data))])
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in trainer.model.named_parameters()}, trainer
+
+
+def test_shared_prompt_matches_two_sequences(tmp_path):
+    data = [to_trl(r) for r in make_preference_records(8, seed=5, multi_turn_fraction=0.5)]
+    loss, grads, _ = _loss_and_grads(tmp_path, data, share_prompt=True)
+    ref_loss, ref_grads, _ = _loss_and_grads(tmp_path, data, share_prompt=False)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=name)
+
+
+def test_one_pair_per_forward_with_accumulation_is_the_same_update(tmp_path):
+    """The bench's minidpo row: batch 1 x accumulation 4 must train exactly like batch 4 (same pairs per step)."""
+    data = [to_trl(r) for r in make_preference_records(8, seed=11, multi_turn_fraction=0.5)]
+    tok = build_tokenizer()
+
+    def update(batch, accumulation):
+        policy = build_tiny_model(tok, seed=0)
+        # SGD: the update is the gradient itself (Adam's first step would hide its scale); lr 100 keeps it far above
+        # the float32 rounding of the weights.
+        start = {n: p.detach().clone() for n, p in policy.named_parameters()}
+        args = MiniDPOConfig(output_dir=str(tmp_path / f"b{batch}"), report_to="none", max_length=512, max_steps=2,
+                             per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                             optim="sgd", learning_rate=100.0, lr_scheduler_type="constant", max_grad_norm=0.0,
+                             train_sampling_strategy="sequential", precompute_ref_log_probs=True,
+                             ref_cache_dir=str(tmp_path / "cache"), save_strategy="no", seed=3)
+        trainer = MiniDPOTrainer(policy, args=args, train_dataset=Dataset.from_list(data), processing_class=tok)
+        trainer.train()
+        return {n: p.detach() - start[n] for n, p in trainer.model.named_parameters()}
+
+    together, accumulated = update(4, 1), update(1, 4)
+    for name, delta in together.items():
+        assert delta.abs().max() > 0, name
+        torch.testing.assert_close(accumulated[name], delta, rtol=1e-4, atol=1e-5 * delta.abs().max().item(),
+                                   msg=name)
+
+
+def test_group_by_length_sampler(tmp_path):
+    data = [to_trl(r) for r in make_preference_records(40, seed=9, multi_turn_fraction=0.5)]
+    tok = build_tokenizer()
+    args = MiniDPOConfig(output_dir=str(tmp_path), report_to="none", per_device_train_batch_size=4,
+                         train_sampling_strategy="group_by_length")
+    trainer = MiniDPOTrainer(build_tiny_model(tok), ref_model=build_tiny_model(tok), args=args,
+                             train_dataset=Dataset.from_list(data), processing_class=tok)
+    order = list(trainer._get_train_sampler())
+    assert sorted(order) == list(range(40))
+    lengths = [len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in trainer.train_dataset]
+    assert lengths[order[0]] == max(lengths)  # the longest batch first, as transformers' sampler does
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model card
+
+
+def test_model_card_is_trls_plus_minidpos_sections_without_a_local_dataset_path(tmp_path):
+    """create_model_card is what Trainer calls at every checkpoint and in push_to_hub: each call rewrites TRL's card
+    and appends minidpo's sections once; a local dataset path stays out of the card's `datasets:` metadata."""
+    tok = build_tokenizer()
+    trainer = trainer_for(tmp_path / "out", tok, records(False), "sigmoid", True, beta=1.0)
+    trainer.data_source, trainer.lines_rejected = str(tmp_path / "dpo.jsonl"), 3
+    for _ in range(2):
+        trainer.create_model_card(model_name="tiny-dpo", dataset_name=str(tmp_path))
+    card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    front_matter = card.split("---")[1]
+    assert "library_name: transformers" in front_matter and "minidpo" in front_matter  # TRL's card, our tag
+    assert str(tmp_path) not in front_matter
+    assert card.count("## minidpo") == 1
+    assert f"data `{tmp_path / 'dpo.jsonl'}`" in card
+    assert "| `lines rejected on load` | 3 |" in card and "| `length_normalize` | True |" in card

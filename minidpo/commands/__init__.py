@@ -9,7 +9,8 @@ TRAIN_HELP = "train with MiniDPOTrainer (same as minidpo/train.py)"
 
 
 def new_parser(name: str, help: str, subparsers=None) -> argparse.ArgumentParser:
-    """The parser of `minidpo NAME`: a subparser of `subparsers` when given (TRL's `make_parser` style), else its own."""
+    """The parser of `minidpo NAME`: a subparser of `subparsers` when given (TRL's `make_parser` style), or its
+    own."""
     if subparsers is not None:
         return subparsers.add_parser(name, help=help, description=help)
     return argparse.ArgumentParser(prog=f"minidpo {name}", description=help)

@@ -1,0 +1,44 @@
+"""minidpo.ref_cache: precomputed reference log-probs found again by content (a new in-memory dataset, a new run),
+equal to the in-loop reference forward, and keyed by what changes them."""
+
+import torch
+from datasets import Dataset
+
+from helpers import to_trl
+from minidpo.embedded import build_tiny_model, build_tokenizer, make_preference_records
+from minidpo.trainer import MiniDPOConfig, MiniDPOTrainer
+
+
+def test_reference_cache_is_reused_across_runs(tmp_path, monkeypatch):
+    data = [to_trl(r) for r in make_preference_records(6, seed=7)]
+    cache = tmp_path / "cache"
+    kw = dict(precompute_ref_log_probs=True, ref_cache_dir=str(cache), precompute_ref_batch_size=4)
+    tok = build_tokenizer()
+
+    def trainer():
+        args = MiniDPOConfig(output_dir=str(tmp_path / "out"), report_to="none", max_length=512, **kw)
+        return MiniDPOTrainer(build_tiny_model(tok, seed=0), args=args, train_dataset=Dataset.from_list(data),
+                              processing_class=tok)
+
+    first = trainer()
+    files = list((cache / "ref-logps").glob("*.pt"))
+    assert len(files) == 1
+    computed, compute = [], MiniDPOTrainer._compute_ref_logps_sorted
+    monkeypatch.setattr(MiniDPOTrainer, "_compute_ref_logps_sorted",
+                        lambda *a: computed.append(1) or compute(*a))
+    second = trainer()  # a new run, new in-memory dataset: read from disk
+    assert not computed
+    assert first.train_dataset["ref_chosen_logps"] == second.train_dataset["ref_chosen_logps"]
+    # length-sorted precompute equals the in-loop reference forward of the same batch
+    model = first.model
+    batch = first.data_collator([first.train_dataset[i] for i in range(len(data))])
+    chosen, rejected = first.compute_ref_log_probs(model, batch)
+    torch.testing.assert_close(chosen, batch["ref_chosen_logps"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rejected, batch["ref_rejected_logps"], rtol=1e-5, atol=1e-6)
+    # another max_length is another key
+    args = MiniDPOConfig(output_dir=str(tmp_path / "out"), report_to="none", max_length=256, **kw)
+    MiniDPOTrainer(build_tiny_model(tok, seed=0), args=args, train_dataset=Dataset.from_list(data),
+                   processing_class=tok)
+    assert len(computed) == 1
+
+

@@ -1,0 +1,104 @@
+"""minidpo.resilience: resume_from_checkpoint resolved to the newest complete checkpoint (half-written ones skipped
+and named), clear errors, and launches that would not form one process group refused. The end-to-end kill/resume
+and SIGTERM runs are in test_scale.py."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import assert_one_line_error
+from minidpo.errors import UserError
+from minidpo.resilience import check_launch, checkpoint_problem, resolve_resume, resume_request
+
+
+def _fake_checkpoint(folder: Path, step: int, *, state=True, weights_ok=True) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    ckpt = folder / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True)
+    save_file({"w": torch.zeros(64)}, str(ckpt / "model.safetensors"))
+    if not weights_ok:  # killed while writing the weights
+        data = (ckpt / "model.safetensors").read_bytes()
+        (ckpt / "model.safetensors").write_bytes(data[: len(data) - 100])
+    if state:
+        (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    return ckpt
+
+
+def _args(output_dir, resume):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(output_dir=str(output_dir), resume_from_checkpoint=resume)
+
+
+def test_resolve_resume_values(tmp_path):
+
+    assert resolve_resume(_args(tmp_path, None)) is None
+    assert resolve_resume(_args(tmp_path, "false")) is None
+    good = _fake_checkpoint(tmp_path, 4)
+    _fake_checkpoint(tmp_path, 2)
+    for value in ("true", "True", "TRUE", True):
+        assert resolve_resume(_args(tmp_path, value)) == str(good)
+    assert resolve_resume(_args(tmp_path / "elsewhere", str(good))) == str(good)  # a path: used as given
+    assert resolve_resume(_args(tmp_path / "elsewhere", str(tmp_path))) == str(good)  # a run dir: its newest
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_resume(_args(tmp_path, str(tmp_path / "checkpoint-99")))
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        resolve_resume(_args(tmp_path / "empty", "true"))
+
+
+def test_resolve_resume_skips_half_written_checkpoints(tmp_path, capsys):
+
+    good = _fake_checkpoint(tmp_path, 6)
+    no_state = _fake_checkpoint(tmp_path, 8, state=False)          # killed before trainer_state.json
+    truncated = _fake_checkpoint(tmp_path, 10, weights_ok=False)     # weights cut short
+    bad_json = _fake_checkpoint(tmp_path, 12)
+    (bad_json / "trainer_state.json").write_text('{"global_step": 12, "log_hi')  # killed while writing the state
+    (tmp_path / "checkpoint-14").mkdir()                              # killed right after mkdir
+    assert checkpoint_problem(good) is None
+    assert "trainer_state.json" in checkpoint_problem(no_state)
+    assert "truncated" in checkpoint_problem(truncated)
+    assert "unreadable" in checkpoint_problem(bad_json)
+
+    from transformers.trainer_utils import get_last_checkpoint
+    assert get_last_checkpoint(str(tmp_path)).endswith("checkpoint-14")  # Trainer's own pick would be the broken one
+    assert resolve_resume(_args(tmp_path, "true")) == str(good)
+    assert "skipping" in capsys.readouterr().out
+    with pytest.raises(UserError, match="not a complete checkpoint.*newest complete one is .*checkpoint-6"):
+        resolve_resume(_args(tmp_path, str(no_state)))
+    only_broken = tmp_path / "broken"
+    _fake_checkpoint(only_broken, 2, state=False)
+    with pytest.raises(UserError, match="1 incomplete skipped"):
+        resolve_resume(_args(only_broken, "true"))
+
+
+def test_multi_process_launch_that_would_not_be_distributed_is_refused(monkeypatch):
+    from types import SimpleNamespace
+
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="use_cpu: true"):
+        check_launch(SimpleNamespace(world_size=1, use_cpu=False))
+    check_launch(SimpleNamespace(world_size=2, use_cpu=True))
+
+
+def test_train_reports_a_missing_checkpoint_in_one_line(tiny_assets, tmp_path, capfd):
+    from minidpo import train
+
+    argv = ["--model_name_or_path", str(tiny_assets / "base"), "--dataset_name", str(tiny_assets / "dpo.jsonl"),
+            "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--resume_from_checkpoint", "true"]
+    assert train.run(argv) == 2
+    assert_one_line_error(capfd.readouterr().err, "minidpo train: error: resume_from_checkpoint",
+                          "no complete checkpoint-N folder", "out")
+
+
+@pytest.mark.parametrize("value,request_", [(None, False), (False, False), ("", False), ("false", False),
+                                             ("None", False), ("no", False), ("0", False), (True, True),
+                                             ("true", True), ("True", True), ("latest", True), ("1", True),
+                                             ("runs/x/checkpoint-4", "runs/x/checkpoint-4")])
+def test_resume_request_reads_what_trlparser_and_python_pass(value, request_):
+    assert resume_request(value) == request_
+
+
