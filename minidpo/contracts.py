@@ -23,6 +23,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Member:
+    """One private member minidpo relies on: where it lives, its name, the kind of contract, the parameters (or
+    called functions, or fields) the contract names, and why minidpo needs it."""
+
     owner: str  # "module:Class" or "module"
     name: str
     kind: str

@@ -22,7 +22,8 @@ _MAX_WARNINGS = 100  # warnings kept with their line numbers in stats.json; all 
 
 
 class LengthStats:
-    """Exact percentiles in O(distinct lengths) memory, so multi-GB inputs stay streaming."""
+    """Min, mean, p50/p90/p99 (nearest rank) and max of token lengths, exact, in O(distinct lengths) memory, so
+    multi-GB inputs stay streaming."""
 
     def __init__(self):
         self.counts = Counter()

@@ -35,6 +35,9 @@ SIDES = ("chosen", "rejected")
 
 @dataclass(frozen=True)
 class Issue:
+    """Something `diagnose_pair` found in one pair: `code` (see the module docstring), a message, and whether it is
+    fatal (the pair cannot be trained on)."""
+
     code: str
     message: str
     fatal: bool = False

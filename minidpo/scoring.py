@@ -2,8 +2,8 @@
 
 `install_pair_forward` wraps the fused LM-head forward TRL adds to the model (`model(..., labels=,
 fused_lm_head=True)` returns per-token log-probs, no full-vocabulary logits). Three things change, each keeping the
-values TRL reads (tests/test_trainer.py and tests/test_bench.py check loss and gradients against full-logit
-references):
+values TRL reads (tests/test_trainer.py and tests/test_scoring.py check loss and gradients against full-logit
+references; README "Performance" has what each gains):
 
   - length averaging: per-token log-probs are divided by the sequence's scored-token count, so TRL's sum over a
     sequence becomes the mean MiniMind uses (`length_normalize`);
@@ -14,8 +14,7 @@ references):
     full; longer ones and GPU kernels also skip the upper half);
   - compact head on devices without Triton: TRL's fused head scores every position there (its Triton kernels only
     exist for CUDA/XPU) with a dozen elementwise passes over each [tokens, vocab] tile. `_ScoredLogProbs` projects
-    only the scored positions and folds each tile in one log-softmax. CPU, 512 hidden, 6400 vocab, one 690-token pair
-    row (560 scored): forward + backward 126 ms -> 65 ms.
+    only the scored positions and folds each tile in one log-softmax.
 """
 
 from __future__ import annotations
@@ -192,8 +191,8 @@ def pair_attention(module, query, key, value, attention_mask, dropout=0.0, scali
                           torch.cat([v[:, :, :p - 1], v[:, :, lc:end]], dim=2), attn_mask=sees)
         rows.append(torch.cat([chosen, rejected, query.new_zeros(1, query.size(1), width - end, value.size(-1))],
                               dim=2))
-    # Concatenated in sdpa's layout, transposed once: writing each part into a [batch, width, heads, dim] buffer
-    # instead measured 0.5 ms a layer slower (fwd + bwd), the backward then reading transposed gradients.
+    # Concatenated in sdpa's layout and transposed once: writing each part into a [batch, width, heads, dim] buffer
+    # is slower, the backward then reading transposed gradients (commit cd23180).
     return torch.cat(rows).transpose(1, 2).contiguous(), None
 
 
