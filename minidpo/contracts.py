@@ -72,6 +72,9 @@ PRIVATE_MEMBERS = (
     Member("trl.models", "prepare_deepspeed", "function", ("model", "accelerator"),
            "the reference precompute under DeepSpeed"),
     # Transformers internals
+    Member("transformers.models.mixtral.modeling_mixtral", "load_balancing_loss_func", "function",
+           ("gate_logits", "num_experts", "top_k", "attention_mask"),
+           "the compact LM head adds a MoE model's router loss as the model's forward and TRL's head do"),
     Member("transformers.integrations.sdpa_attention", "sdpa_attention_forward", "function",
            ("module", "query", "key", "value", "attention_mask"),
            "the pair attention falls back to Transformers' sdpa outside packed pair rows"),

@@ -24,12 +24,14 @@ Where MiniMind's search scores nothing or something odd, `diagnose_pair` says so
 
 from __future__ import annotations
 
+import json
 import weakref
 from dataclasses import dataclass
 
 from minidpo.errors import RecordError, UserError
 
 MASK_MODES = ("minimind", "last-turn")
+TRUNCATION_MODES = ("keep_start", "keep_end")
 SIDES = ("chosen", "rejected")
 
 
@@ -55,8 +57,22 @@ class _Scheme:
 _SCHEMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def render(messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def render(messages: list[dict], tokenizer, add_generation_prompt: bool = False, **template_kwargs) -> str:
+    """The conversation as the chat template writes it; `template_kwargs` (tools, ...) go to the template."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **template_kwargs)
+
+
+def template_kwargs(record: dict) -> dict:
+    """What a record asks of the chat template, from TRL's dataset columns: `tools` (a list, or its JSON text) and
+    `chat_template_kwargs` (a dict)."""
+    kwargs = dict(record.get("chat_template_kwargs") or {})
+    tools = record.get("tools")
+    if isinstance(tools, str):
+        tools = json.loads(tools)
+    if tools:
+        kwargs["tools"] = tools
+    return kwargs
 
 
 def _scheme(tokenizer) -> _Scheme:
@@ -145,15 +161,15 @@ def minimind_spans(ids: list[int], bos_ids, eos_ids) -> list[tuple[int, int, boo
         i = end + len(eos_ids)
 
 
-def assistant_char_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+def assistant_char_spans(messages: list[dict], tokenizer, **kwargs) -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and, per assistant turn, the character span the model produces (answer + end of turn)."""
-    text = render(messages, tokenizer)
+    text = render(messages, tokenizer, **kwargs)
     spans = []
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        head = render(messages[:k], tokenizer, add_generation_prompt=True)
-        upto = render(messages[: k + 1], tokenizer)
+        head = render(messages[:k], tokenizer, add_generation_prompt=True, **kwargs)
+        upto = render(messages[: k + 1], tokenizer, **kwargs)
         if not (upto.startswith(head) and text.startswith(upto)):
             raise RecordError(
                 "template_not_prefix_stable",
@@ -178,18 +194,28 @@ def _mask_from_char_spans(offsets, char_spans) -> list[int]:
 
 @dataclass
 class _Encoded:
-    ids: list[int]
+    ids: list[int]  # as stored: cut to max_length
     mask: list[int]
     issues: list[Issue]
+    full_ids: list[int]  # before the cut
 
 
-def _encode_side(messages, tokenizer, max_length, mask_mode, side) -> _Encoded:
+def _truncate(ids: list[int], mask: list[int], max_length, truncation_mode: str):
+    if max_length is None or len(ids) <= max_length:
+        return ids, mask
+    if truncation_mode == "keep_end":
+        # the first kept token has no kept predecessor to be predicted from
+        return ids[-max_length:], [0] + mask[-max_length + 1:] if max_length > 1 else [0]
+    return ids[:max_length], mask[:max_length]
+
+
+def _encode_side(messages, tokenizer, max_length, mask_mode, side, kwargs, truncation_mode) -> _Encoded:
     scheme = _scheme(tokenizer)
     issues: list[Issue] = []
     n_turns = sum(m["role"] == "assistant" for m in messages)
     if mask_mode == "minimind" and scheme.bos_ids is not None:
         # Exactly MiniMind's call: default special-token handling, keep-start truncation.
-        ids = tokenizer(render(messages, tokenizer))["input_ids"]
+        full = ids = tokenizer(render(messages, tokenizer, **kwargs))["input_ids"]
         full_spans = minimind_spans(ids, scheme.bos_ids, scheme.eos_ids)
         if len(full_spans) != n_turns:
             issues.append(Issue(
@@ -199,42 +225,82 @@ def _encode_side(messages, tokenizer, max_length, mask_mode, side) -> _Encoded:
         if any(not closed for _, _, closed in full_spans):
             issues.append(Issue("unterminated_turn", f"{side}: an assistant span has no closing marker; MiniMind "
                                 "would also score the padding after it"))
-        if max_length is not None:
-            ids = ids[:max_length]
+        if truncation_mode == "keep_start" and max_length is not None:
+            ids = ids[:max_length]  # MiniMind searches the markers in what truncation kept
         mask = [0] * len(ids)
         for start, end, _ in minimind_spans(ids, scheme.bos_ids, scheme.eos_ids):
             mask[start:end] = [1] * (min(end, len(ids)) - start)
         answer_end = full_spans[-1][1] if full_spans else 0
     else:
-        text, char_spans = assistant_char_spans(messages, tokenizer)
+        text, char_spans = assistant_char_spans(messages, tokenizer, **kwargs)
         if mask_mode == "last-turn":
             char_spans = char_spans[-1:]
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        mask = _mask_from_char_spans(offsets, char_spans)
+        full = ids = enc["input_ids"]
+        mask = _mask_from_char_spans(enc["offset_mapping"], char_spans)
         answer_end = max((t + 1 for t, m in enumerate(mask) if m), default=0)
-        if max_length is not None:
-            ids, mask = ids[:max_length], mask[:max_length]
-    if max_length is not None and answer_end > max_length:
+    ids, mask = _truncate(ids, mask, max_length, truncation_mode)
+    if truncation_mode == "keep_start" and max_length is not None and answer_end > max_length:
         issues.append(Issue("answer_truncated", f"{side}: max_length {max_length} cuts the final answer "
                             f"({answer_end} tokens needed)"))
     if not any(mask):
-        issues.append(Issue("no_scored_tokens", f"{side}: no token is scored after truncation to max_length "
-                            f"{max_length} ({len(ids)} tokens kept)" if max_length is not None else
-                            f"{side}: no assistant token found to score", fatal=True))
-    return _Encoded(ids, mask, issues)
+        issues.append(_nothing_scored(side, max_length, len(ids)))
+    return _Encoded(ids, mask, issues, full)
 
 
-def diagnose_pair(record: dict, tokenizer, max_length: int | None = None, mask_mode: str = "minimind"):
+def _nothing_scored(side, max_length, kept) -> Issue:
+    return Issue("no_scored_tokens", f"{side}: no token is scored after truncation to max_length {max_length} "
+                 f"({kept} tokens kept)" if max_length is not None else f"{side}: no assistant token found to score",
+                 fatal=True)
+
+
+def _common_prefix(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _encode_text_pair(record, tokenizer, max_length, truncation_mode):
+    """Standard (plain-text) records, tokenized as TRL does: the completion after the prompt is scored, with the eos
+    token appended when the completion does not end with it; nothing else is."""
+    eos = tokenizer.eos_token
+    prompt_ids = tokenizer(text=record["prompt"])["input_ids"]
+    full = {side: tokenizer(text=record["prompt"] + (record[side] if not eos or record[side].endswith(eos)
+                                                     else record[side] + eos))["input_ids"] for side in SIDES}
+    # the completion starts where the tokenized prompt and prompt + completion diverge (tokens can merge across)
+    p = min(len(prompt_ids), *(_common_prefix(prompt_ids, ids) for ids in full.values()))
+    out, issues = {"prompt_ids": prompt_ids[:p]}, []
+    for side, ids in full.items():
+        ids, mask = _truncate(ids, [0] * max(p, 1) + [1] * (len(ids) - max(p, 1)), max_length, truncation_mode)
+        out[f"{side}_input_ids"], out[f"{side}_loss_mask"] = ids, mask
+        if not any(mask):
+            issues.append(_nothing_scored(side, max_length, len(ids)))
+    return out, issues
+
+
+def diagnose_pair(record: dict, tokenizer, max_length: int | None = None, mask_mode: str = "minimind",
+                  truncation_mode: str = "keep_start"):
     """`encode_pair`'s output plus the list of `Issue`s found on the way (fatal ones mean: do not train on it)."""
     if mask_mode not in MASK_MODES:
         raise RecordError("bad_mask_mode", f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
-    out, issues = {}, []
+    if truncation_mode not in TRUNCATION_MODES:
+        raise RecordError("bad_truncation_mode", f"truncation_mode must be one of {TRUNCATION_MODES}, "
+                                                 f"got {truncation_mode!r}")
+    if isinstance(record["prompt"], str):
+        return _encode_text_pair(record, tokenizer, max_length, truncation_mode)
+    out, issues, full = {}, [], {}
+    kwargs = template_kwargs(record)
     for side in SIDES:
-        enc = _encode_side(record["prompt"] + record[side], tokenizer, max_length, mask_mode, side)
+        enc = _encode_side(record["prompt"] + record[side], tokenizer, max_length, mask_mode, side, kwargs,
+                           truncation_mode)
         out[f"{side}_input_ids"] = enc.ids
         out[f"{side}_loss_mask"] = enc.mask
+        full[side] = enc.full_ids
         issues += enc.issues
+    out["prompt_ids"] = full["chosen"][:_common_prefix(full["chosen"], full["rejected"])]
     return out, issues
 
 
@@ -243,11 +309,15 @@ def is_scorable(encoded: dict) -> bool:
     return any(encoded["chosen_loss_mask"]) and any(encoded["rejected_loss_mask"])
 
 
-def encode_pair(record: dict, tokenizer, max_length: int | None = None, mask_mode: str = "minimind") -> dict:
-    """Token ids and loss masks of both sides of a TRL conversational record.
+def encode_pair(record: dict, tokenizer, max_length: int | None = None, mask_mode: str = "minimind",
+                truncation_mode: str = "keep_start") -> dict:
+    """Token ids and loss masks of both sides of a TRL preference record with an explicit prompt.
 
-    Returns plain lists `chosen_input_ids`, `chosen_loss_mask`, `rejected_input_ids`, `rejected_loss_mask`:
-    ids unpadded and cut to `max_length` keeping the start; `loss_mask[i] == 1` means token `i` is scored, i.e.
-    predicted from position `i - 1` (never true for `i == 0`).
+    Conversational records (message lists; `tools` and `chat_template_kwargs` honoured) are scored by `mask_mode`:
+    every assistant turn ("minimind") or the final answer ("last-turn"). Standard records (plain text) score the
+    completion, as TRL does. Returns plain lists `chosen_input_ids`, `chosen_loss_mask`, `rejected_input_ids`,
+    `rejected_loss_mask`, cut to `max_length` (keeping the start, or the end with `truncation_mode="keep_end"`):
+    `loss_mask[i] == 1` means token `i` is scored, i.e. predicted from position `i - 1` (never true for `i == 0`);
+    and `prompt_ids`, the tokens both sequences start with (TRL's prompt, for the record).
     """
-    return diagnose_pair(record, tokenizer, max_length, mask_mode)[0]
+    return diagnose_pair(record, tokenizer, max_length, mask_mode, truncation_mode)[0]

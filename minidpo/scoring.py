@@ -50,6 +50,7 @@ def install_pair_forward(model, length_normalize: bool = True, share_prompt: boo
     # Packed rows need the pair attention, built on sdpa: flash-attention and other kernels keep the two-row layout.
     share_prompt = share_prompt and model.config._attn_implementation in ("sdpa", "eager")
     plain_head = _plain_lm_head(model)
+    text_config = model.config.get_text_config()
 
     @functools.wraps(fused_forward)
     def forward(*args, fused_lm_head=False, labels=None, shift_labels=None, **kwargs):
@@ -58,11 +59,19 @@ def install_pair_forward(model, length_normalize: bool = True, share_prompt: boo
         if args or shift_labels is not None:  # positional inputs, pre-shifted labels (context parallelism): TRL's path
             out = fused_forward(*args, fused_lm_head=True, labels=labels, shift_labels=shift_labels, **kwargs)
         else:
+            if getattr(text_config, "output_router_logits", False):
+                kwargs.setdefault("output_router_logits", True)  # as TRL's head does: MoE configs that ask for it
             fields = ("log_probs",) if _LOG_PROBS_ONLY.get() else outputs
             compact = plain_head and set(fields) <= set(COMPACT_FIELDS) and labels.device.type not in ("cuda", "xpu")
             head = (functools.partial(_compact_head_forward, model, fields) if compact
                     else functools.partial(fused_forward, fused_lm_head=True))
-            packed = _pack_pairs(kwargs, labels) if share_prompt and _can_share(kwargs) else None
+            # Two rows instead of packed ones (same values, slower) where packing would change something: a MoE
+            # router's load-balancing loss counts every routed token, so packing would count the shared prompt once
+            # instead of twice; activation checkpointing recomputes each layer after this forward has put the
+            # attention back, and recomputing it unpacked would not match what the forward saved.
+            pack = (share_prompt and not kwargs.get("output_router_logits")
+                    and not getattr(model, "is_activation_checkpointing", False) and _can_share(kwargs))
+            packed = _pack_pairs(kwargs, labels) if pack else None
             out = head(labels=labels, **kwargs) if packed is None else _packed_forward(model, head, packed, labels,
                                                                                        kwargs)
         if length_normalize:
@@ -202,9 +211,11 @@ AttentionInterface.register(PAIR_ATTENTION, pair_attention)
 # ------------------------------------------------------------------------------------------------ compact LM head
 
 def _compact_head_forward(model, outputs, labels, num_items_in_batch=None, **kwargs):
-    """TRL's fused-head forward (same `FusedCausalLMOutput`), projecting only the scored positions."""
+    """TRL's fused-head forward (same `FusedCausalLMOutput`, MoE load-balancing loss included), projecting only the
+    scored positions."""
     kwargs["use_cache"] = False
-    hidden = model.base_model(**kwargs).last_hidden_state[:, :-1]
+    backbone = model.base_model(**kwargs)
+    hidden = backbone.last_hidden_state[:, :-1]
     labels = labels[:, 1:]
     mask = labels != -100
     lm_head = model.get_output_embeddings()
@@ -215,7 +226,19 @@ def _compact_head_forward(model, outputs, labels, num_items_in_batch=None, **kwa
             per_token[name] = value.new_zeros(mask.shape).masked_scatter(mask, value)
     loss = -per_token["log_probs"].sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None
                                             else num_items_in_batch)
-    return FusedCausalLMOutput(loss=loss, label_mask=mask, **per_token)
+    aux_loss = None
+    if kwargs.get("output_router_logits"):
+        aux_loss = _load_balancing_loss(model, backbone.router_logits, kwargs.get("attention_mask"))
+        loss = loss + getattr(model.config.get_text_config(), "router_aux_loss_coef", 0.0) * aux_loss
+    return FusedCausalLMOutput(loss=loss, label_mask=mask, aux_loss=aux_loss, **per_token)
+
+
+def _load_balancing_loss(model, router_logits, attention_mask):
+    """The MoE load-balancing loss of a forward, as the model's own forward and TRL's fused head compute it."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func  # every MoE family's
+
+    config = model.config.get_text_config()
+    return load_balancing_loss_func(router_logits, config.num_experts, config.num_experts_per_tok, attention_mask)
 
 
 class _ScoredLogProbs(torch.autograd.Function):

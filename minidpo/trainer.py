@@ -30,14 +30,16 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object, is_peft_model
+from datasets import Dataset, IterableDataset
 from datasets.fingerprint import Hasher
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.utils import logging
 from trl import DPOConfig, DPOTrainer
+from trl.data_utils import extract_prompt
 from trl.models import prepare_deepspeed
 
 from minidpo import ref_cache, training_report
-from minidpo.masking import MASK_MODES, encode_pair, is_scorable
+from minidpo.masking import MASK_MODES, TRUNCATION_MODES, encode_pair, is_scorable
 from minidpo.models import ensure_pad_token, load_tokenizer
 from minidpo.pairs import PAIR_COLUMNS, REF_COLUMNS, PairCollator, pair_lengths
 from minidpo.scoring import COMPACT_FIELDS, install_pair_forward, log_probs_only
@@ -92,6 +94,8 @@ class MiniDPOConfig(DPOConfig):
     def __post_init__(self):
         if self.mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = False
         if self.bf16 is None:
@@ -175,6 +179,8 @@ class MiniDPOTrainer(DPOTrainer):
     def _precompute_ref_logps(self, dataset, name, batch_size):
         """Reference log-probs once, over length-sorted batches shared out across processes, cached on disk by
         content (`minidpo.ref_cache`), so in-memory datasets and later runs find them too."""
+        if isinstance(dataset, IterableDataset):
+            return super()._precompute_ref_logps(dataset, name, batch_size)  # TRL's refusal, its message
         # TRL precomputes inside its own __init__, before ours can patch the forward: patch first.
         self._install_pair_forward()
         path = ref_cache.cache_file(self._precompute_model_hash, dataset, self.args)
@@ -225,44 +231,57 @@ class MiniDPOTrainer(DPOTrainer):
     def _get_train_sampler(self, train_dataset=None):
         # Transformers' group_by_length looks for an `input_ids` column; a pair's cost is its two sequences.
         train_dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if (self.args.train_sampling_strategy == "group_by_length" and train_dataset is not None
-                and self.args.length_column_name not in (train_dataset.column_names or [])):
+        if (self.args.train_sampling_strategy == "group_by_length" and isinstance(train_dataset, Dataset)
+                and self.args.length_column_name not in train_dataset.column_names):
             return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                         lengths=pair_lengths(train_dataset))
         return super()._get_train_sampler(train_dataset)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        if set(PAIR_COLUMNS) <= set(dataset.column_names or []):
+        """Encode preference records into ids and loss masks (`minidpo.masking.encode_pair`) and drop the pairs left
+        with nothing to score. Takes every layout TRL's DPOTrainer takes: standard (text) or conversational records,
+        with an explicit prompt or an implicit one (the shared start of chosen and rejected, found as TRL finds it),
+        `tools` and `chat_template_kwargs` columns, map-style or iterable. Encoded datasets pass through."""
+        columns = list(next(iter(dataset)).keys()) if dataset.column_names is None else dataset.column_names
+        if set(PAIR_COLUMNS) <= set(columns):
             return dataset  # already encoded (evaluate() passes prepared datasets through here again)
-        first = next(iter(dataset))
-        if not all(isinstance(first.get(k), list) for k in ("prompt", "chosen", "rejected")):
-            raise ValueError(
-                f"{dataset_name} dataset: expected conversational TRL records (prompt/chosen/rejected message lists), "
-                f"got columns {sorted(first)}. Convert MiniMind dpo.jsonl with `minidpo convert` or "
-                "minidpo.records.to_trl_record.")
+        if not {"chosen", "rejected"} <= set(columns):
+            raise ValueError(f"{dataset_name} dataset: expected preference records with chosen and rejected (and an "
+                             f"optional prompt), got columns {sorted(columns)}")
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        # The fingerprint names the cache files of this map and of TRL's precomputed reference log-probs, so it
-        # carries every setting those depend on (length_normalize changes the reference values, not the ids).
-        fingerprint = Hasher.hash((dataset._fingerprint, tokenizer, args.max_length, args.mask_mode,
-                                   args.length_normalize, "minidpo.encode_pair/1"))
-        dataset = dataset.map(
-            _encode_example,
-            fn_kwargs={"tokenizer": tokenizer, "max_length": args.max_length, "mask_mode": args.mask_mode},
-            remove_columns=dataset.column_names,
-            new_fingerprint=fingerprint,
-            num_proc=args.dataset_num_proc,
-            desc=f"Encoding {dataset_name} pairs ({args.mask_mode} masks)",
-        )
-        n = len(dataset)
-        dataset = dataset.filter(is_scorable, num_proc=args.dataset_num_proc)
-        dropped = n - len(dataset)
-        self.pairs_dropped[dataset_name] = dropped
-        if dropped:
-            logger.warning(f"{dataset_name}: dropped {dropped} of {n} pairs with no scored token after truncation to "
-                           f"max_length={args.max_length}. `minidpo convert --tokenizer ... --max-length ...` lists "
-                           "them with their line numbers in rejects.jsonl.")
-        if len(dataset) == 0:
-            raise ValueError(f"{dataset_name} dataset: no pair has a scored token at max_length={args.max_length}.")
+        iterable = isinstance(dataset, IterableDataset)
+        # IterableDataset.map/filter take neither num_proc nor desc nor a fingerprint
+        map_kwargs = {} if iterable else {"num_proc": args.dataset_num_proc}
+        with args.main_process_first(desc=f"encoding the {dataset_name} pairs"):
+            if "prompt" not in columns:
+                dataset = dataset.map(extract_prompt, **map_kwargs,
+                                      **({} if iterable else {"desc": f"Extracting the {dataset_name} prompts"}))
+                columns = [c for c in columns if c != "prompt"] + ["prompt"]
+            encode_kwargs = dict(map_kwargs)
+            if not iterable:
+                # The fingerprint names the cache files of this map and of TRL's precomputed reference log-probs,
+                # so it carries every setting those depend on (length_normalize changes the reference values).
+                encode_kwargs.update(
+                    new_fingerprint=Hasher.hash((dataset._fingerprint, tokenizer, args.max_length, args.mask_mode,
+                                                 args.truncation_mode, args.length_normalize,
+                                                 "minidpo.encode_pair/2")),
+                    desc=f"Encoding {dataset_name} pairs ({args.mask_mode} masks)")
+            dataset = dataset.map(
+                _encode_example, remove_columns=columns, **encode_kwargs,
+                fn_kwargs={"tokenizer": tokenizer, "max_length": args.max_length, "mask_mode": args.mask_mode,
+                           "truncation_mode": args.truncation_mode})
+            n = None if iterable else len(dataset)
+            dataset = dataset.filter(is_scorable, **map_kwargs)
+        if n is not None:
+            dropped = n - len(dataset)
+            self.pairs_dropped[dataset_name] = dropped
+            if dropped:
+                logger.warning(f"{dataset_name}: dropped {dropped} of {n} pairs with no scored token after truncation "
+                               f"to max_length={args.max_length}. `minidpo convert --tokenizer ... --max-length ...` "
+                               "lists them with their line numbers in rejects.jsonl.")
+            if len(dataset) == 0:
+                raise ValueError(f"{dataset_name} dataset: no pair has a scored token at "
+                                 f"max_length={args.max_length}.")
         return dataset
 
     def _set_signature_columns_if_needed(self):
@@ -288,5 +307,5 @@ class MiniDPOTrainer(DPOTrainer):
                 f.write(training_report.card_sections(self))
 
 
-def _encode_example(example, tokenizer, max_length, mask_mode):
-    return encode_pair(example, tokenizer, max_length=max_length, mask_mode=mask_mode)
+def _encode_example(example, tokenizer, max_length, mask_mode, truncation_mode):
+    return encode_pair(example, tokenizer, max_length=max_length, mask_mode=mask_mode, truncation_mode=truncation_mode)
