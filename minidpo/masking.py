@@ -300,7 +300,11 @@ def diagnose_pair(record: dict, tokenizer, max_length: int | None = None, mask_m
         out[f"{side}_loss_mask"] = enc.mask
         full[side] = enc.full_ids
         issues += enc.issues
-    out["prompt_ids"] = full["chosen"][:_common_prefix(full["chosen"], full["rejected"])]
+    # TRL's prompt_ids: the prompt with the generation prompt, tokenized as the sequences are, cut where they diverge
+    prompt = render(record["prompt"], tokenizer, add_generation_prompt=True, **kwargs)
+    marker_search = mask_mode == "minimind" and _scheme(tokenizer).bos_ids is not None
+    prompt_ids = tokenizer(prompt, **({} if marker_search else {"add_special_tokens": False}))["input_ids"]
+    out["prompt_ids"] = prompt_ids[:min(len(prompt_ids), *(_common_prefix(prompt_ids, ids) for ids in full.values()))]
     return out, issues
 
 

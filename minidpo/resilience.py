@@ -24,6 +24,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from minidpo.console import say
 from minidpo.errors import UserError
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -107,10 +108,6 @@ def latest_checkpoint(output_dir) -> tuple[str | None, list[tuple[str, str]]]:
     return None, skipped
 
 
-def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
-
-
 def resume_request(value) -> bool | str:
     """What a `resume_from_checkpoint` value asks for: False (start fresh), True (the newest checkpoint in
     output_dir) or a path. TrlParser passes strings ("true", "false", "none", a path); Python callers bools or None."""
@@ -153,15 +150,13 @@ def resolve_resume(args):
         found, skipped = latest_checkpoint(path)  # a run directory: its newest complete checkpoint
         where = f"{text!r}"
     for path, problem in skipped:
-        if _is_main_process():
-            print(f"[minidpo] skipping {path}: {problem}")
+        say(f"skipping {path}: {problem}")
     if found is None:
         raise UserError(f"resume_from_checkpoint: no complete checkpoint-N folder in {where} to resume from"
                         + (f" ({len(skipped)} incomplete skipped)" if skipped else "")
                         + ". Drop resume_from_checkpoint to start fresh, or give a checkpoint path.",
                         code="bad_checkpoint")
-    if _is_main_process():
-        print(f"[minidpo] resuming from {found}")
+    say(f"resuming from {found}")
     return found
 
 

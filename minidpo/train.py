@@ -19,6 +19,7 @@ from trl import ModelConfig, ScriptArguments as TrlScriptArguments, TrlParser
 
 from minidpo import loading, resilience, training_report
 from minidpo.commands import TRAIN_HELP
+from minidpo.console import is_main_process, say
 from minidpo.errors import UserError, exit_status
 from minidpo.files import write_text_atomic
 from minidpo.masking import check_tokenizer, encode_pair, is_scorable
@@ -107,10 +108,10 @@ def prepare_tokenizer(model_args: ModelConfig, trust_remote_code: bool):
                                local_only=False)
     markers = check_tokenizer(tokenizer)
     if ensure_pad_token(tokenizer):
-        print(f"[minidpo] tokenizer {path} has no pad token: padding with its eos token {tokenizer.eos_token!r} "
-              "(padding is masked out of attention and loss)")
+        say(f"tokenizer {path} has no pad token: padding with its eos token {tokenizer.eos_token!r} "
+            "(padding is masked out of attention and loss)")
     how = "MiniMind's marker search" if markers else "assistant spans from the chat template"
-    print(f"[minidpo] tokenizer {path}: {len(tokenizer)} tokens; assistant tokens found by {how}")
+    say(f"tokenizer {path}: {len(tokenizer)} tokens; assistant tokens found by {how}")
     return tokenizer
 
 
@@ -129,15 +130,16 @@ def load_pairs(script_args: ScriptArguments, tokenizer, training_args: MiniDPOCo
     rejects += eval_rejects
     if not evals and script_args.eval_fraction > 0:
         train, evals = loading.split_records(train, script_args.eval_fraction, training_args.seed)
-    print(f"[minidpo] dataset {path}: {fmt} format; {len(train)} train / {len(evals)} eval pairs; "
-          f"{len(rejects)} rejected")
+    say(f"dataset {path}: {fmt} format; {len(train)} train / {len(evals)} eval pairs; {len(rejects)} rejected")
     if rejects:
         out = Path(training_args.output_dir)
-        write_text_atomic(out / "rejects.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+        if is_main_process():
+            write_text_atomic(out / "rejects.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                             for r in rejects))
         reasons = {}
         for r in rejects:
             reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
-        print(f"[minidpo] rejected lines by reason: {reasons}; details in {out / 'rejects.jsonl'}")
+        say(f"rejected lines by reason: {reasons}; details in {out / 'rejects.jsonl'}")
     if not train:
         raise UserError(f"no usable training pair in {path}", code="bad_data")
     return train, evals, rejects
@@ -166,7 +168,7 @@ def check_max_length(train: list, tokenizer, training_args: MiniDPOConfig, sampl
     if share > 0.5:
         raise UserError(f"{what}; set max_length to at least {suggestion} (90% of pairs fit), or check the data "
                         "with `minidpo report-data`", code="bad_config")
-    print(f"[minidpo] WARNING: {what}; the trainer drops those pairs. max_length {suggestion} fits 90% of pairs.")
+    say(f"WARNING: {what}; the trainer drops those pairs. max_length {suggestion} fits 90% of pairs.")
 
 
 def load_model(model_args: ModelConfig, tokenizer, trust_remote_code: bool):

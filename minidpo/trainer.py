@@ -2,7 +2,8 @@
 
 What changes against stock TRL, and nothing else:
   - tokenization: each pair goes through `minidpo.masking.encode_pair` (MiniMind's assistant-span masks,
-    multi-turn included) instead of TRL's prompt/completion split, and a collator pads those ids and masks;
+    multi-turn included, for conversations; TRL's prompt/completion split for plain text) and a collator pads
+    those ids and masks;
   - `length_normalize=True`: every sequence log-prob is the mean over its scored tokens instead of the sum, for
     the policy and the reference alike, so the loss and every logged reward, margin, accuracy and log-prob use
     MiniMind's length-averaged log-ratios. TRL's fused, chunked LM head still computes the per-token log-probs
@@ -129,13 +130,16 @@ def _count_each_sequence_once(completion_mask: torch.Tensor) -> torch.Tensor:
 class MiniDPOTrainer(DPOTrainer):
     """`trl.DPOTrainer` on MiniMind-equivalent token masks, with length-averaged log-ratios by default.
 
-    Supports: conversational TRL records (`prompt` / `chosen` / `rejected` message lists) or datasets already
-    encoded by `minidpo.masking.encode_pair`; full fine-tuning or PEFT; an explicit `ref_model`, the policy's own
-    initial weights (no `ref_model`) or precomputed reference log-probs; every TRL loss type that can be
-    length-averaged (see `MiniDPOConfig`).
-    Assumes: a `MiniDPOConfig`; a fast tokenizer with a chat template (its eos token pads when it has no pad token).
-    Raises: `TypeError` for a plain `DPOConfig`; `ValueError` for a dataset in another format or one where no pair
-    keeps a scored token at `max_length`; `minidpo.errors.UserError` for a tokenizer with neither pad nor eos token.
+    Supports: every preference layout `trl.DPOTrainer` takes (standard or conversational, explicit or implicit
+    prompt, `tools` / `chat_template_kwargs` columns, map-style or iterable, dicts of eval datasets) and datasets
+    already encoded by `minidpo.masking.encode_pair`; dense and mixture-of-experts models; full fine-tuning or PEFT;
+    an explicit `ref_model`, the policy's initial weights or precomputed reference log-probs; every TRL loss option
+    (with `length_normalize=True`, those that can be length-averaged, see `MiniDPOConfig`).
+    Assumes: a `MiniDPOConfig`; a fast tokenizer, with a chat template for conversational data (its eos token pads
+    when it has no pad token).
+    Raises: `TypeError` for a plain `DPOConfig`; `ValueError` for a dataset without chosen/rejected, with images, or
+    where no pair keeps a scored token at `max_length`; `minidpo.errors.UserError` for a tokenizer with neither pad
+    nor eos token.
 
     `data_source` and `lines_rejected` (set by the caller, e.g. train.py) are shown in the model card.
     """
@@ -245,6 +249,9 @@ class MiniDPOTrainer(DPOTrainer):
         columns = list(next(iter(dataset)).keys()) if dataset.column_names is None else dataset.column_names
         if set(PAIR_COLUMNS) <= set(columns):
             return dataset  # already encoded (evaluate() passes prepared datasets through here again)
+        if {"image", "images"} & set(columns):
+            raise ValueError(f"{dataset_name} dataset: image columns found; MiniDPOTrainer scores text (its masks are "
+                             "token masks of chat-rendered text), so train vision-language models with trl.DPOTrainer")
         if not {"chosen", "rejected"} <= set(columns):
             raise ValueError(f"{dataset_name} dataset: expected preference records with chosen and rejected (and an "
                              f"optional prompt), got columns {sorted(columns)}")
@@ -275,7 +282,7 @@ class MiniDPOTrainer(DPOTrainer):
         if n is not None:
             dropped = n - len(dataset)
             self.pairs_dropped[dataset_name] = dropped
-            if dropped:
+            if dropped and args.process_index == 0:
                 logger.warning(f"{dataset_name}: dropped {dropped} of {n} pairs with no scored token after truncation "
                                f"to max_length={args.max_length}. `minidpo convert --tokenizer ... --max-length ...` "
                                "lists them with their line numbers in rejects.jsonl.")

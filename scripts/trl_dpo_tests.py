@@ -60,6 +60,8 @@ MODELS = {
     "tiny-Glm4MoeForCausalLM": ("Glm4MoeConfig", dict(n_routed_experts=4, moe_intermediate_size=32,
                                                        first_k_dense_replace=1, n_group=1, topk_group=1, **MOE)),
     "tiny-Olmo3ForCausalLM": ("Olmo3Config", {}),
+    "tiny-NemotronHForCausalLM-nano": ("NemotronHConfig", dict(num_hidden_layers=4, mamba_num_heads=4, mamba_head_dim=8,
+                                                               n_groups=1, ssm_state_size=16, head_dim=8)),
     "tiny-Lfm2ForCausalLM": ("Lfm2Config", {}),
     "tiny-Lfm2ForCausalLM-2.5": ("Lfm2Config", {}),
 }
@@ -295,7 +297,7 @@ def main(argv=None) -> int:
     if "stock" not in results:
         return 0
     passing = sorted(t for t, (o, _) in results["stock"].items() if o == "passed")
-    print(f"\n| mode | tests passing with stock TRL that pass here |\n| --- | ---: |")
+    print("\n| mode | tests passing with stock TRL that pass here |\n| --- | ---: |")
     for mode in modes:
         print(f"| {mode} | {sum(results[mode].get(t, ('missing',))[0] == 'passed' for t in passing)} / "
               f"{len(passing)} |")

@@ -183,6 +183,8 @@ def test_cpu_ddp_matches_single_process(assets, reference, tmp_path):
     proc = subprocess.run(launch_cmd(str(TRAIN_PY), "--config", str(config), config_file="cpu_ddp.yaml"),
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    # one copy of each [minidpo] line, whatever the number of processes
+    assert proc.stdout.count("[minidpo] dataset ") == 1 and proc.stdout.count("[minidpo] tokenizer ") == 1, proc.stdout
     ddp_losses = step_losses(tmp_path / "ddp" / "checkpoint-8")
     ref_losses = reference["losses"]
     assert sorted(ddp_losses) == sorted(ref_losses) == list(range(1, 9))

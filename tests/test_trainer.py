@@ -2,6 +2,8 @@
 full-vocabulary logits, on exactly encode_pair's masks; its speed levers (packed pair rows, one pair per forward,
 group_by_length) keep them; its model card carries minidpo's sections."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -243,3 +245,239 @@ def test_model_card_is_trls_plus_minidpos_sections_without_a_local_dataset_path(
     assert card.count("## minidpo") == 1
     assert f"data `{tmp_path / 'dpo.jsonl'}`" in card
     assert "| `lines rejected on load` | 3 |" in card and "| `length_normalize` | True |" in card
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Drop-in for TRL: every dataset layout, loss option and model family DPOTrainer takes. The independent reference is
+# stock TRL itself: where minidpo scores what TRL scores (standard text, last-turn conversations), the batches match
+# TRL's token for token, and with summed log-ratios the losses match TRL's.
+
+TOOL_TEMPLATE = (  # ChatML with tools and a chat_template_kwargs switch, as TRL's tests use
+    "{%- if tools -%}{{- '<|im_start|>system\\nTools: ' + (tools | tojson) + '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- for m in messages -%}{{- '<|im_start|>' + (m.role | upper if shout else m.role) + '\\n' + m.content"
+    " + '<|im_end|>\\n' -}}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>' + ('ASSISTANT' if shout else 'assistant') + '\\n' -}}"
+    "{%- endif -%}")
+
+
+def _standard(n=4, seed=3):
+    """Plain-text preference records (TRL's standard format) from the embedded generator's conversations."""
+    out = []
+    for r in make_preference_records(n, seed=seed, multi_turn_fraction=0.0, system_fraction=0.0):
+        out.append({"prompt": r["chosen"][-2]["content"], "chosen": " " + r["chosen"][-1]["content"],
+                    "rejected": " " + r["rejected"][-1]["content"]})
+    return out
+
+
+def _conversational(n=4, seed=3, implicit=False):
+    rows = [to_trl(r) for r in make_preference_records(n, seed=seed, multi_turn_fraction=0.0)]
+    if implicit:
+        return [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in rows]
+    return rows
+
+
+def _stock_and_ours(tmp_path, data, tokenizer=None, model=None, **config):
+    """Stock `trl.DPOTrainer` and `MiniDPOTrainer(length_normalize=False)` on the same data, weights and options.
+    `model(reference: bool)` builds the policy and the reference (default: the perturbed and the plain tiny Llama)."""
+    from trl import DPOConfig, DPOTrainer
+
+    tok = tokenizer or build_tokenizer()
+    make = model or (lambda reference: build_tiny_model(tok, seed=0) if reference else perturbed_policy(tok))
+    common = dict(per_device_train_batch_size=len(data), report_to="none", max_length=512, beta=0.5, **config)
+    stock = DPOTrainer(make(False), ref_model=make(True),
+                       args=DPOConfig(output_dir=str(tmp_path / "stock"), use_cpu=True, bf16=False, **common),
+                       train_dataset=Dataset.from_list(data), processing_class=tok)
+    ours = MiniDPOTrainer(make(False), ref_model=make(True),
+                          args=MiniDPOConfig(output_dir=str(tmp_path / "ours"), length_normalize=False,
+                                             **{"mask_mode": "last-turn", **common}),
+                          train_dataset=Dataset.from_list(data), processing_class=tok)
+    return stock, ours
+
+
+def _batches(stock, ours):
+    rows = range(len(stock.train_dataset))
+    return (stock.data_collator([stock.train_dataset[i] for i in rows]),
+            ours.data_collator([ours.train_dataset[i] for i in rows]))
+
+
+def _assert_same_tokens(stock, ours):
+    a, b = _batches(stock, ours)
+    for key in ("input_ids", "attention_mask", "completion_mask"):
+        assert torch.equal(a[key], b[key]), key
+    assert a["completion_mask"].sum() > 0
+
+
+@pytest.mark.parametrize("layout", ["standard", "standard-implicit", "conversational", "conversational-implicit"])
+def test_every_layout_scores_what_trl_scores(tmp_path, layout):
+    """Standard text: the completion and TRL's appended eos; conversations in last-turn mode: the final answer and its
+    end of turn. Implicit prompts are the shared start of chosen and rejected, found as TRL finds it."""
+    if layout.startswith("standard"):
+        data = _standard()
+        if layout.endswith("implicit"):
+            data = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in data]
+    else:
+        data = _conversational(implicit=layout.endswith("implicit"))
+    stock, ours = _stock_and_ours(tmp_path, data)
+    _assert_same_tokens(stock, ours)
+    eos = ours.processing_class.eos_token_id
+    if layout.startswith("standard"):
+        last = ours.train_dataset[0]["chosen_input_ids"][-1]
+        assert last == eos, "TRL appends eos to a plain-text completion"
+    assert ours.train_dataset[0]["prompt_ids"] == stock.train_dataset[0]["prompt_ids"]
+
+
+def test_implicit_conversations_score_every_assistant_turn_in_minimind_mode(tmp_path):
+    """minimind mode on an implicit-prompt multi-turn conversation: the prompt found as TRL finds it, then every
+    assistant turn scored, exactly as for the same record with the prompt written out."""
+    from minidpo.masking import encode_pair
+
+    tok = build_tokenizer()
+    explicit = [r for r in (to_trl(r) for r in make_preference_records(40, seed=4, multi_turn_fraction=1.0))][:4]
+    implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in explicit]
+    trainer = MiniDPOTrainer(build_tiny_model(tok), ref_model=build_tiny_model(tok),
+                             args=MiniDPOConfig(output_dir=str(tmp_path), report_to="none"),
+                             train_dataset=Dataset.from_list(implicit), processing_class=tok)
+    for i, record in enumerate(explicit):
+        assert trainer.train_dataset[i] == encode_pair(record, tok, max_length=1024)
+        mask = trainer.train_dataset[i]["chosen_loss_mask"]
+        assert sum(1 for a, b in zip(mask, mask[1:]) if b and not a) == 2  # both assistant turns scored
+
+
+def test_tools_and_chat_template_kwargs_reach_the_template(tmp_path):
+    tok = build_tokenizer()
+    tok.chat_template = TOOL_TEMPLATE
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    data = [dict(r, tools=json.dumps([tool]), chat_template_kwargs={"shout": bool(i % 2)})
+            for i, r in enumerate(_conversational())]
+    stock, ours = _stock_and_ours(tmp_path, data, tokenizer=tok)
+    _assert_same_tokens(stock, ours)
+    text = [tok.decode(ours.train_dataset[i]["chosen_input_ids"]) for i in range(2)]
+    assert "get_weather" in text[0] and "<|im_start|>user" in text[0] and "<|im_start|>USER" in text[1]
+
+
+@pytest.mark.parametrize("options", [
+    {"loss_type": ["sigmoid"]},
+    {"loss_type": ["hinge"]},
+    {"loss_type": ["ipo"]},
+    {"loss_type": ["sft"]},
+    {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
+    {"loss_type": ["sigmoid"], "use_weighting": True},
+    {"loss_type": ["sigmoid"], "ld_alpha": 0.5},
+    {"loss_type": ["sigmoid"], "f_divergence_type": "js_divergence"},
+    {"loss_type": ["robust"], "label_smoothing": 0.1},
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_summed_log_ratios_give_trls_loss_for_every_option(tmp_path, options):
+    stock, ours = _stock_and_ours(tmp_path, _standard(), **options)
+    a, b = _batches(stock, ours)
+    stock.model.train(), ours.model.train()
+    expected, got = stock.compute_loss(stock.model, a), ours.compute_loss(ours.model, b)
+    assert abs(expected.item() - 0.6931) > 1e-3 or options["loss_type"] != ["sigmoid"], "policy == reference"
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_moe_router_loss_reaches_the_loss(tmp_path):
+    """A tiny Qwen3-MoE: minidpo's loss (compact head, pairs not packed) equals TRL's with the router's load-balancing
+    loss in it, and the aux loss is logged; without the router loss the two would differ by coef * aux."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    tok = build_tokenizer()
+
+    def moe(reference):
+        config = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                                num_experts_per_tok=2, router_aux_loss_coef=0.5, pad_token_id=tok.pad_token_id)
+        torch.manual_seed(0 if reference else 1)
+        return Qwen3MoeForCausalLM(config)
+
+    stock, ours = _stock_and_ours(tmp_path, _standard(), model=moe)
+    assert ours.aux_loss_enabled
+    a, b = _batches(stock, ours)
+    stock.model.train(), ours.model.train()
+    expected, got = stock.compute_loss(stock.model, a), ours.compute_loss(ours.model, b)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    aux = ours._metrics["train"]["aux_loss"][-1]
+    assert aux > 0 and aux == pytest.approx(stock._metrics["train"]["aux_loss"][-1], rel=1e-5)
+
+
+def test_iterable_datasets_train_and_refuse_precompute_with_trls_message(tmp_path):
+    from datasets import IterableDataset
+
+    tok = build_tokenizer()
+    data = _conversational(8)
+    stream = IterableDataset.from_generator(lambda: iter(data))
+    args = MiniDPOConfig(output_dir=str(tmp_path), report_to="none", max_steps=2, per_device_train_batch_size=2)
+    trainer = MiniDPOTrainer(build_tiny_model(tok), ref_model=build_tiny_model(tok), args=args, train_dataset=stream,
+                             processing_class=tok)
+    mapped = MiniDPOTrainer(build_tiny_model(tok), ref_model=build_tiny_model(tok), args=args,
+                            train_dataset=Dataset.from_list(data), processing_class=tok)
+    assert list(trainer.train_dataset) == [mapped.train_dataset[i] for i in range(len(data))]
+    trainer.train()
+    assert trainer.state.global_step == 2
+    with pytest.raises(ValueError, match="not supported with IterableDataset"):
+        MiniDPOTrainer(build_tiny_model(tok), args=MiniDPOConfig(output_dir=str(tmp_path), report_to="none",
+                                                                 max_steps=2, precompute_ref_log_probs=True),
+                       train_dataset=stream, processing_class=tok)
+
+
+def test_dicts_of_eval_datasets_are_each_prepared_and_evaluated(tmp_path):
+    from datasets import DatasetDict
+
+    tok = build_tokenizer()
+    evals = DatasetDict({"short": Dataset.from_list(_conversational(4, seed=5)),
+                         "text": Dataset.from_list(_standard(4, seed=6))})
+    trainer = MiniDPOTrainer(build_tiny_model(tok), ref_model=build_tiny_model(tok),
+                             args=MiniDPOConfig(output_dir=str(tmp_path), report_to="none"),
+                             train_dataset=Dataset.from_list(_conversational(4)), eval_dataset=evals,
+                             processing_class=tok)
+    assert set(trainer.eval_dataset) == {"short", "text"}
+    metrics = trainer.evaluate()
+    # policy == reference before training: every pair's loss is log 2
+    assert metrics["eval_short_loss"] == pytest.approx(0.6931, abs=1e-4)
+    assert metrics["eval_text_loss"] == pytest.approx(0.6931, abs=1e-4)
+
+
+def test_dataset_encoding_runs_main_process_first(tmp_path, monkeypatch):
+    """Under several processes the main one encodes first and the others find its cache."""
+    import contextlib
+
+    entered = []
+
+    @contextlib.contextmanager
+    def main_process_first(self, local=True, desc="work"):
+        entered.append(desc)
+        yield
+
+    monkeypatch.setattr(MiniDPOConfig, "main_process_first", main_process_first)
+    tok = build_tokenizer()
+    MiniDPOTrainer(build_tiny_model(tok), ref_model=build_tiny_model(tok),
+                   args=MiniDPOConfig(output_dir=str(tmp_path), report_to="none"),
+                   train_dataset=Dataset.from_list(_conversational(4)), processing_class=tok)
+    assert "encoding the train pairs" in entered
+
+
+def test_keep_end_truncation_keeps_the_answer(tmp_path):
+    tok = build_tokenizer()
+    args = MiniDPOConfig(output_dir=str(tmp_path), report_to="none", max_length=12, truncation_mode="keep_end")
+    trainer = MiniDPOTrainer(build_tiny_model(tok), ref_model=build_tiny_model(tok), args=args,
+                             train_dataset=Dataset.from_list(_standard()), processing_class=tok)
+    full = MiniDPOTrainer(build_tiny_model(tok), ref_model=build_tiny_model(tok),
+                          args=MiniDPOConfig(output_dir=str(tmp_path), report_to="none"),
+                          train_dataset=Dataset.from_list(_standard()), processing_class=tok)
+    for i in range(len(trainer.train_dataset)):
+        cut, whole = trainer.train_dataset[i], full.train_dataset[i]
+        assert cut["chosen_input_ids"] == whole["chosen_input_ids"][-12:]
+        assert cut["chosen_loss_mask"] == [0] + whole["chosen_loss_mask"][-11:]
+    with pytest.raises(ValueError, match="truncation_mode"):
+        MiniDPOConfig(output_dir=str(tmp_path), report_to="none", truncation_mode="keep_middle")
+
+
+def test_image_datasets_are_refused_with_the_reason(tmp_path):
+    """TRL refuses image data for a text model; with a vision-language model minidpo's own check refuses it, since
+    its masks are text-only (checked here on the preparation step itself)."""
+    tok = build_tokenizer()
+    args = MiniDPOConfig(output_dir=str(tmp_path), report_to="none")
+    trainer = MiniDPOTrainer(build_tiny_model(tok), ref_model=build_tiny_model(tok), args=args,
+                             train_dataset=Dataset.from_list(_conversational(2)), processing_class=tok)
+    images = Dataset.from_list([dict(r, images=[None]) for r in _conversational(2)])
+    with pytest.raises(ValueError, match="image columns found.*trl.DPOTrainer"):
+        trainer._prepare_dataset(images, tok, args, "train")
