@@ -3,7 +3,8 @@
 - `resolve_resume(args)`: `resume_from_checkpoint` is a checkpoint path, or `true` for the newest *complete*
   checkpoint in `output_dir`. Trainer writes a checkpoint in place (weights, then optimizer/scheduler/RNG, then
   trainer_state.json last), so a process killed mid-save leaves a folder that looks like the latest one; it is
-  skipped here, never resumed from.
+  skipped here, never resumed from, and so is one missing its optimizer, scheduler or RNG state.
+- `OutputDirLock`: one run at a time per `output_dir`.
 - `callbacks(args)`: `PreemptionCallback`. On SIGTERM (what Slurm, Kubernetes and spot-instance schedulers send
   before killing a job) training finishes the current optimizer step, saves a checkpoint and stops; `train.py`
   then exits 0 with the command that resumes.
@@ -17,9 +18,12 @@ import json
 import os
 import re
 import signal
+import socket
 import struct
 import sys
 import threading
+import time
+import zipfile
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -34,6 +38,8 @@ _FALSE = {"", "false", "no", "0", "none"}
 # (a folder per model) or DeepSpeed's global_step* folder.
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# Trainer's own training state, beside plain (not engine-sharded) weights
+_STATE_FILES = ("optimizer.pt", "scheduler.pt")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -55,8 +61,42 @@ def _safetensors_complete(path: Path) -> bool:
         return False
 
 
+def _torch_file_complete(path: Path) -> bool:
+    """A `torch.save` file (a zip archive) whose central directory, written last, is all there."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return bool(archive.infolist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _weights_problem(path: Path) -> tuple[str | None, bool]:
+    """(why the model weights are not usable or None, whether an engine - FSDP or DeepSpeed - saved them with its
+    own optimizer state)."""
+    for name in _WEIGHT_FILES:
+        if (path / name).is_file():
+            if name.endswith(".safetensors") and not _safetensors_complete(path / name):
+                return f"{name} is truncated", False
+            return None, False
+    for name in _WEIGHT_INDEXES:
+        if (path / name).is_file():
+            try:
+                shards = set(json.loads((path / name).read_text(encoding="utf-8"))["weight_map"].values())
+            except (OSError, ValueError, KeyError) as e:
+                return f"{name} is unreadable ({e.__class__.__name__})", False
+            missing = sorted(s for s in shards if not (path / s).is_file())
+            return (f"{name} lists missing shards {missing}" if missing else None), False
+    if any(p.is_dir() for p in path.glob("pytorch_model_fsdp_*")) or any(p.is_dir() for p in path.glob("global_step*")):
+        return None, True
+    return "no model weights", False
+
+
 def checkpoint_problem(path) -> str | None:
-    """Why `path` is not a complete Trainer checkpoint, or None when it is."""
+    """Why `path` is not a complete Trainer checkpoint (one training can resume from exactly), or None when it is.
+
+    Complete means every file Trainer writes for it is there and readable: the trainer state (written last), the
+    model weights, and, unless an engine keeps its own, the optimizer, the scheduler and the RNG states.
+    """
     path = Path(path)
     if not path.is_dir():
         return "not a directory"
@@ -68,22 +108,19 @@ def checkpoint_problem(path) -> str | None:
         return "no trainer_state.json (Trainer writes it last: the save was interrupted)"
     except (OSError, ValueError) as e:
         return f"trainer_state.json is unreadable ({e.__class__.__name__}: the save was interrupted)"
-    for name in _WEIGHT_FILES:
-        if (path / name).is_file():
-            if name.endswith(".safetensors") and not _safetensors_complete(path / name):
-                return f"{name} is truncated"
-            return None
-    for name in _WEIGHT_INDEXES:
-        if (path / name).is_file():
-            try:
-                shards = set(json.loads((path / name).read_text(encoding="utf-8"))["weight_map"].values())
-            except (OSError, ValueError, KeyError) as e:
-                return f"{name} is unreadable ({e.__class__.__name__})"
-            missing = sorted(s for s in shards if not (path / s).is_file())
-            return f"{name} lists missing shards {missing}" if missing else None
-    if any(p.is_dir() for p in path.glob("pytorch_model_fsdp_*")) or any(p.is_dir() for p in path.glob("global_step*")):
-        return None
-    return "no model weights"
+    problem, engine = _weights_problem(path)
+    if problem or engine:
+        return problem
+    for name in _STATE_FILES:
+        if not (path / name).is_file():
+            return f"no {name} (resuming would restart it from scratch)"
+        if not _torch_file_complete(path / name):
+            return f"{name} is truncated"
+    rng = sorted(path.glob("rng_state*.pth"))
+    if not rng:
+        return "no rng_state.pth (resuming would not replay the same data order and dropout)"
+    bad = [p.name for p in rng if not _torch_file_complete(p)]
+    return f"{bad[0]} is truncated" if bad else None
 
 
 def latest_checkpoint(output_dir) -> tuple[str | None, list[tuple[str, str]]]:
@@ -158,6 +195,87 @@ def resolve_resume(args):
                         code="bad_checkpoint")
     say(f"resuming from {found}")
     return found
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One run per output_dir
+
+LOCK_NAME = ".minidpo.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+class OutputDirLock:
+    """`output_dir/.minidpo.lock`, held by the main process for a whole run, so a second run on the same directory
+    stops at once instead of writing the same checkpoints.
+
+    The file records pid, host and start time and is created atomically (`O_EXCL`); it is removed on exit, and a
+    lock left by a process that died (same host, pid gone) is taken over with a message. A lock from another host
+    cannot be checked and stops the run: the message says how to remove it if that run is gone.
+    Raises `UserError` (code "output_dir") for a held lock, an `output_dir` that is a file or cannot be written.
+    """
+
+    def __init__(self, output_dir, command: str = ""):
+        self.path = Path(output_dir) / LOCK_NAME
+        self.command = command
+        self.held = False
+
+    def _owner(self) -> dict:
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> "OutputDirLock":
+        folder = self.path.parent
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"output_dir {str(folder)!r} is a file, not a directory", code="output_dir")
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "command": self.command}
+        for _ in range(2):  # a second try after taking over a stale lock
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner.get("host") == me["host"] and isinstance(owner.get("pid"), int) and not _alive(owner["pid"]):
+                    say(f"taking over {self.path}: its run (pid {owner['pid']}, started {owner.get('started')}) "
+                        "is gone")
+                    self.path.unlink(missing_ok=True)
+                    continue
+                who = (f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}" if owner
+                       else "a run whose lock file cannot be read")
+                raise UserError(f"output_dir {str(folder)!r} is in use by another minidpo run ({who}); wait for it, "
+                                f"choose another output_dir, or delete {self.path} if that run is gone",
+                                code="output_dir") from None
+            except OSError as e:
+                raise UserError(f"output_dir {str(folder)!r} cannot be written: {e.strerror or e}",
+                                code="output_dir") from None
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise UserError(f"could not lock {self.path}", code="output_dir")
+
+    def release(self) -> None:
+        if self.held and self._owner().get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -46,15 +46,30 @@ class ScriptArguments(TrlScriptArguments):
 
 
 class _Parser(TrlParser):
-    """TrlParser whose configuration mistakes (unknown keys, bad values, a missing --config file: `ValueError` and
-    `FileNotFoundError` from TrlParser, TrainingArguments and MiniDPOConfig) are `UserError`s: their messages
-    already say what to change."""
+    """TrlParser whose mistakes are one-line `UserError`s: a value that does not parse (argparse's message, without
+    the usage), YAML that does not parse (with file and line), a config file that cannot be read, and what TrlParser,
+    TrainingArguments and MiniDPOConfig raise (`ValueError`: unknown keys, bad values; their messages already say
+    what to change)."""
 
-    def parse_args_and_config(self, *args, **kwargs):
+    def error(self, message):
+        raise UserError(message, code="bad_config")
+
+    def parse_args_and_config(self, args=None, *rest, **kwargs):
+        import yaml
+
+        args = list(sys.argv[1:] if args is None else args)
+        config = args[args.index("--config") + 1] if "--config" in args[:-1] else None
         try:
-            return super().parse_args_and_config(*args, **kwargs)
+            return super().parse_args_and_config(args, *rest, **kwargs)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{config}, line {mark.line + 1}, column {mark.column + 1}" if mark else config
+            raise UserError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}", code="bad_config") \
+                from None
         except (ValueError, FileNotFoundError) as e:
             raise UserError(str(e), code="bad_config") from None
+        except OSError as e:
+            raise UserError(f"cannot read --config {config}: {e.strerror or e}", code="bad_config") from None
 
 
 def make_parser(subparsers=None):
@@ -181,13 +196,21 @@ def load_model(model_args: ModelConfig, tokenizer, trust_remote_code: bool):
 
 
 def main(script_args: ScriptArguments, training_args: MiniDPOConfig, model_args: ModelConfig) -> dict:
-    """One training run; returns summary.json's content (or `{"preempted": True, ...}` after SIGTERM)."""
+    """One training run; returns summary.json's content (or `{"preempted": True, ...}` after SIGTERM). The main
+    process holds `output_dir`'s lock for the whole run, so a second run there stops at once."""
+    check_model_path(model_args)
+    if not is_main_process():
+        return _train(script_args, training_args, model_args)
+    with resilience.OutputDirLock(training_args.output_dir, command=" ".join(sys.argv)):
+        return _train(script_args, training_args, model_args)
+
+
+def _train(script_args: ScriptArguments, training_args: MiniDPOConfig, model_args: ModelConfig) -> dict:
     from datasets import Dataset
     from trl import get_peft_config
 
     from minidpo.trainer import MiniDPOTrainer
 
-    check_model_path(model_args)
     check_output_dir(script_args, training_args)
     tokenizer = prepare_tokenizer(model_args, training_args.trust_remote_code)
     train, evals, rejects = load_pairs(script_args, tokenizer, training_args)

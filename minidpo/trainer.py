@@ -57,14 +57,41 @@ def _default_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def _has_accelerator() -> bool:
+    """A device Transformers would train on instead of the CPU (CUDA/ROCm, XPU, Apple MPS)."""
+    xpu = getattr(torch, "xpu", None)
+    return (torch.cuda.is_available() or bool(xpu is not None and xpu.is_available())
+            or torch.backends.mps.is_available())
+
+
+def _check_ranges(args) -> None:
+    """Values that train without an error but not as meant: one line naming the option."""
+    if not args.beta > 0:
+        raise ValueError(f"beta must be > 0, got {args.beta}: it scales the log-ratios; 0 gives a constant loss and "
+                         "no gradient, a negative beta trains the preference backwards")
+    if not args.learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0, got {args.learning_rate}")
+    if not 0 <= args.label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {args.label_smoothing}: it is the share of "
+                         "preference labels assumed flipped")
+    if "exo_pair" in args.loss_type and args.label_smoothing == 0:
+        raise ValueError("loss_type exo_pair needs label_smoothing > 0 (e.g. 1e-3)")
+    if args.max_length is not None and args.max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (a token to predict from and one to score), got "
+                         f"{args.max_length}")
+
+
 @dataclass
 class MiniDPOConfig(DPOConfig):
     """`trl.DPOConfig` plus MiniMind's scoring (`length_normalize`, `mask_mode`) and minidpo's speed levers.
 
     Supports every DPOConfig field. Defaults fit the machine: bf16 only where the GPU supports it (`bf16: true` on a
-    CPU also sets `use_cpu`), activation checkpointing off.
-    Raises `ValueError` at construction for an unknown `mask_mode`, and with `length_normalize=True` for the options
-    that read per-token log-probs themselves (`loss_type: sft`, `use_weighting`, `ld_alpha`), naming the option.
+    CPU also sets `use_cpu`), `use_cpu` and no pinned memory on a machine without an accelerator, activation
+    checkpointing off.
+    Raises `ValueError` at construction, one line naming the option, for an unknown `mask_mode` or
+    `truncation_mode`, values out of range (`beta` <= 0, `learning_rate` <= 0, `label_smoothing` outside [0, 0.5),
+    `max_length` < 2), and with `length_normalize=True` for the options that read per-token log-probs themselves
+    (`loss_type: sft`, `use_weighting`, `ld_alpha`).
     """
 
     length_normalize: bool = field(
@@ -104,7 +131,13 @@ class MiniDPOConfig(DPOConfig):
         if self.bf16 and not torch.cuda.is_available():
             # bf16 autocast on CPU is opt-in; Transformers wants use_cpu to allow it.
             self.use_cpu = True
+        if not _has_accelerator():
+            # On a CPU-only machine the processes a launcher starts form one process group only with use_cpu, and
+            # pinned memory has no device to copy to.
+            self.use_cpu = True
+            self.dataloader_pin_memory = False
         super().__post_init__()
+        _check_ranges(self)
         if self.length_normalize:
             for loss_type in self.loss_type:
                 if loss_type in _NOT_WITH_LENGTH_NORMALIZE:

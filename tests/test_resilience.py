@@ -13,6 +13,7 @@ from minidpo.resilience import check_launch, checkpoint_problem, resolve_resume,
 
 
 def _fake_checkpoint(folder: Path, step: int, *, state=True, weights_ok=True) -> Path:
+    """The files Trainer writes for a checkpoint, in its order (trainer_state.json last), with small contents."""
     import torch
     from safetensors.torch import save_file
 
@@ -22,6 +23,8 @@ def _fake_checkpoint(folder: Path, step: int, *, state=True, weights_ok=True) ->
     if not weights_ok:  # killed while writing the weights
         data = (ckpt / "model.safetensors").read_bytes()
         (ckpt / "model.safetensors").write_bytes(data[: len(data) - 100])
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        torch.save({"state": torch.zeros(16)}, ckpt / name)
     if state:
         (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
     return ckpt
@@ -102,3 +105,52 @@ def test_resume_request_reads_what_trlparser_and_python_pass(value, request_):
     assert resume_request(value) == request_
 
 
+
+
+@pytest.mark.parametrize("damage,problem", [
+    (lambda c: (c / "optimizer.pt").unlink(), "no optimizer.pt"),
+    (lambda c: (c / "scheduler.pt").unlink(), "no scheduler.pt"),
+    (lambda c: (c / "rng_state.pth").unlink(), "no rng_state.pth"),
+    (lambda c: (c / "optimizer.pt").write_bytes((c / "optimizer.pt").read_bytes()[:-40]), "optimizer.pt is truncated"),
+], ids=["no-optimizer", "no-scheduler", "no-rng", "truncated-optimizer"])
+def test_a_checkpoint_missing_training_state_is_skipped_or_refused(tmp_path, capsys, damage, problem):
+    """Resuming from it would silently restart the optimizer (or scheduler, or data order): true skips it and says
+    why; naming it is refused, naming the missing file."""
+    good = _fake_checkpoint(tmp_path, 2)
+    damaged = _fake_checkpoint(tmp_path, 4)
+    damage(damaged)
+    assert problem in checkpoint_problem(damaged) and checkpoint_problem(good) is None
+    assert resolve_resume(_args(tmp_path, "true")) == str(good)
+    assert f"skipping {damaged}: {problem}" in capsys.readouterr().out
+    with pytest.raises(UserError, match=f"not a complete checkpoint: {problem}"):
+        resolve_resume(_args(tmp_path, str(damaged)))
+
+
+def test_output_dir_lock(tmp_path, capsys):
+    """One run per output_dir: a live holder stops the second run with one line naming it; a dead holder's lock is
+    taken over; another host's lock cannot be checked and stops the run; the lock goes with the run."""
+    import json as _json
+    import socket
+    import subprocess
+    import sys
+
+    from minidpo.resilience import LOCK_NAME, OutputDirLock
+
+    out = tmp_path / "run"
+    with OutputDirLock(out, command="first") as lock:
+        assert (out / LOCK_NAME).is_file() and lock.held
+        with pytest.raises(UserError, match=r"in use by another minidpo run \(pid \d+ on ") as e:
+            OutputDirLock(out).acquire()
+        assert e.value.code == "output_dir"
+    assert not (out / LOCK_NAME).exists()
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / LOCK_NAME).write_text(_json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    with OutputDirLock(out):
+        assert f"taking over {out / LOCK_NAME}" in capsys.readouterr().out
+    (out / LOCK_NAME).write_text(_json.dumps({"pid": 1, "host": "elsewhere", "started": "yesterday"}))
+    with pytest.raises(UserError, match="pid 1 on elsewhere, started yesterday.*delete .* if that run is gone"):
+        OutputDirLock(out).acquire()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        OutputDirLock(tmp_path / "file").acquire()

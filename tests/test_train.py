@@ -184,6 +184,23 @@ def _holding_a_run(out: Path) -> Path:
     return out
 
 
+def _a_file(tmp_path: Path) -> Path:
+    (tmp_path / "a-file").write_text("not a directory")
+    return tmp_path / "a-file"
+
+
+def _in_use(tmp_path: Path) -> Path:
+    """An output_dir whose lock a live process on this host holds (this one)."""
+    import os
+    import socket
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / ".minidpo.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                    "started": "now"}))
+    return out
+
+
 ERROR_CASES = {
     # name: (overrides as a function of (assets, tmp_path), words the one-line message must contain)
     "unknown-config-key": (lambda a, t: {"lerning_rate": 1e-3}, ["lerning_rate"]),
@@ -200,6 +217,11 @@ ERROR_CASES = {
         lambda a, t: {"model_name_or_path": str(save_small_model(t / "m", lambda tok: setattr(tok, "chat_template",
                                                                                               None)))},
         ["no chat template", "chat_template"]),
+    "output-dir-in-use": (lambda a, t: {"output_dir": str(_in_use(t))},
+                          ["in use by another minidpo run", "pid", "started now"]),
+    "output-dir-is-a-file": (lambda a, t: {"output_dir": str(_a_file(t))}, ["is a file, not a directory"]),
+    "output-dir-not-writable": (lambda a, t: {"output_dir": "/sys/minidpo-test-out"}, ["cannot be written"]),
+    "beta-zero": (lambda a, t: {"beta": 0.0}, ["beta must be > 0"]),
     "output-dir-holding-another-run": (lambda a, t: {"output_dir": str(_holding_a_run(t / "run"))},
                                        ["already holds a run", "summary.json", "checkpoint-2",
                                         "overwrite_output_dir: true", "resume_from_checkpoint"]),
@@ -214,6 +236,18 @@ def test_clear_errors(case, tiny_assets, tmp_path, capfd):
     capfd.readouterr()
     assert train.run(["--config", str(cfg)]) == 2
     assert_one_line_error(capfd.readouterr().err, "minidpo train: error:", *needles)
+
+
+def test_yaml_and_value_errors_are_one_line(tiny_assets, tmp_path, capfd):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("beta: 0.1\nlearning_rate: [1, 2\nmax_steps: 3\n", encoding="utf-8")
+    assert train.run(["--config", str(bad)]) == 2
+    assert_one_line_error(capfd.readouterr().err, f"{bad}, line 3, column 10: not valid YAML")
+    cfg = write_config(tmp_path / "c.yaml", tiny_assets, tmp_path / "out")
+    assert train.run(["--config", str(cfg), "--learning_rate", "abc"]) == 2
+    err = capfd.readouterr().err
+    assert_one_line_error(err, "--learning_rate", "invalid float value: 'abc'")
+    assert "usage:" not in err
 
 
 def test_missing_config_file(tmp_path, capfd):

@@ -153,11 +153,27 @@ def test_bf16_by_default_only_where_the_gpu_has_it(monkeypatch, cuda, bf16_suppo
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only defaults")
 def test_cpu_defaults_start_without_flags(tmp_path):
-    """Stock TRL defaults to bf16 and refuses a CPU without `use_cpu`; MiniDPOConfig trains in fp32 there, and an
-    explicit `bf16: true` switches on what Transformers needs for CPU autocast."""
+    """Stock TRL defaults to bf16 and refuses a CPU without `use_cpu`; MiniDPOConfig trains in fp32 there, with
+    use_cpu (a launcher's processes then form one gloo group) and without pinned memory; `bf16: true` is CPU
+    autocast."""
     cfg = MiniDPOConfig(output_dir=str(tmp_path), report_to="none")
-    assert cfg.bf16 is False and cfg.use_cpu is False and not cfg.activation_checkpointing
+    assert cfg.bf16 is False and cfg.use_cpu is True and not cfg.activation_checkpointing
+    assert cfg.dataloader_pin_memory is False
     assert MiniDPOConfig(output_dir=str(tmp_path), report_to="none", bf16=True).use_cpu is True
+
+
+@pytest.mark.parametrize("options,words", [
+    ({"beta": 0.0}, "beta must be > 0, got 0.0"),
+    ({"beta": -0.1}, "beta must be > 0, got -0.1"),
+    ({"learning_rate": -1e-5}, "learning_rate must be > 0"),
+    ({"label_smoothing": 0.5}, "label_smoothing must be in [0, 0.5)"),
+    ({"loss_type": ["exo_pair"]}, "exo_pair needs label_smoothing > 0"),
+    ({"max_length": 1}, "max_length must be at least 2"),
+], ids=lambda x: str(x) if isinstance(x, dict) else "")
+def test_values_out_of_range_are_refused_naming_the_option(tmp_path, options, words):
+    with pytest.raises(ValueError) as e:
+        MiniDPOConfig(output_dir=str(tmp_path), report_to="none", **options)
+    assert words in str(e.value) and "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------------------
