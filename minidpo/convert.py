@@ -135,7 +135,7 @@ def convert_file(input_path, output_dir, tokenizer=None, max_length=None, mask_m
                     continue
                 stats["records_read"] += 1
                 try:
-                    record = parse_line(raw, "minimind", specials)
+                    record = parse_line(raw, "auto", specials)
                     encoded, issues = check(record) if check is not None else (None, [])
                 except RecordError as err:
                     if strict:
@@ -161,6 +161,10 @@ def convert_file(input_path, output_dir, tokenizer=None, max_length=None, mask_m
         bar.close()
     if eval_fraction == 0:
         (output_dir / "eval.jsonl").unlink(missing_ok=True)  # a stale split from an earlier run would be loaded
+    if not stats["converted"]:
+        # an empty train.jsonl would look like output; rejects.jsonl and stats.json stay to explain why
+        for name in ("train.jsonl", "eval.jsonl"):
+            (output_dir / name).unlink(missing_ok=True)
     assert stats["converted"] + stats["rejected"] == stats["records_read"], stats
     stats = _write_stats(output_dir, stats, lengths, check is not None)
     if not stats["records_read"]:

@@ -251,7 +251,7 @@ def write_outputs(out: Path, metrics: dict, samples: list[dict], model: str, ref
 # ---------------------------------------------------------------------------------------------------------
 
 
-def evaluate(model, data, ref=None, output=None, generate_n=0, max_new_tokens=64, max_length=None, batch_size=8,
+def evaluate(model, data=None, ref=None, output=None, generate_n=0, max_new_tokens=64, max_length=None, batch_size=8,
              beta=None, mask_mode=None, limit=None, seed=0) -> dict:
     model_dir = Path(model).expanduser()
     if not model_dir.is_dir():
@@ -260,6 +260,11 @@ def evaluate(model, data, ref=None, output=None, generate_n=0, max_new_tokens=64
     beta = beta if beta is not None else run.get("beta", DEFAULT_BETA)
     max_length = max_length or run.get("max_length") or DEFAULT_MAX_LENGTH
     mask_mode = mask_mode or run.get("mask_mode", "minimind")
+    if data is None:
+        data = model_dir / loading.EVAL_PAIRS
+        if not data.is_file():
+            raise UserError(f"{model_dir} holds no {loading.EVAL_PAIRS} (the run held out no pairs): pass --data",
+                            code="missing_path")
     ref_path = resolve_reference(model_dir, ref)
     tokenizer = find_tokenizer(model_dir, ref_path)
     records = load_pairs(data, tokenizer, limit)

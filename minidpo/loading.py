@@ -9,12 +9,15 @@ import json
 from pathlib import Path
 
 from minidpo.errors import RecordError, UserError
+
+EVAL_PAIRS = "eval_pairs.jsonl"  # in a training output_dir: the pairs the run held out (what `minidpo eval` scores)
 from minidpo.files import check_input_file
-from minidpo.records import in_eval_split, iter_jsonl_lines, parse_line, reject_entry, special_tokens
+from minidpo.records import in_eval_split, iter_jsonl_lines, line_format, parse_line, reject_entry, special_tokens
 
 
 def detect_format(path) -> str:
-    """"convert-dir" (output of `minidpo convert`), "trl" (prompt/chosen/rejected lines) or "minimind"."""
+    """"convert-dir" (output of `minidpo convert`), or what a file's lines are: "trl" (prompt/chosen/rejected),
+    "minimind" or "mixed" (both, each line read in its own format), judged on the first 1000 readable lines."""
     path = Path(path)
     if path.is_dir():
         if (path / "train.jsonl").is_file():
@@ -22,19 +25,20 @@ def detect_format(path) -> str:
         raise UserError(f"{path} is a directory without train.jsonl (expected the output of `minidpo convert`)",
                         code="bad_data")
     check_input_file(path)
+    seen = set()
     for n, raw in iter_jsonl_lines(path):
         try:
             obj = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             continue  # one bad line should not hide the format; it becomes a reject later
-        if isinstance(obj, dict) and "prompt" in obj:
-            return "trl"
-        if isinstance(obj, dict) and ("chosen" in obj or "rejected" in obj):
-            return "minimind"
-        if n >= 1000:
+        if isinstance(obj, dict) and {"prompt", "chosen", "rejected"} & set(obj):
+            seen.add(line_format(obj))
+        if len(seen) == 2 or n >= 1000:
             break
-    raise UserError(f"cannot tell the format of {path}: expected JSON lines with chosen/rejected (MiniMind) "
-                    "or prompt/chosen/rejected (TRL)", code="bad_data")
+    if not seen:
+        raise UserError(f"cannot tell the format of {path}: expected JSON lines with chosen/rejected (MiniMind) "
+                        "or prompt/chosen/rejected (TRL)", code="bad_data")
+    return "mixed" if len(seen) == 2 else seen.pop()
 
 
 def load_trl_records(path, split: str = "train", tokenizer=None):
@@ -59,7 +63,7 @@ def load_trl_records(path, split: str = "train", tokenizer=None):
         if not raw.strip():
             continue
         try:
-            records.append(parse_line(raw, "minimind" if fmt == "minimind" else "trl", specials))
+            records.append(parse_line(raw, "auto", specials))
         except RecordError as err:
             rejects.append(reject_entry(n, raw, err))
     return records, rejects

@@ -142,8 +142,14 @@ def iter_jsonl_lines(path):
             yield n, raw.rstrip(b"\n").rstrip(b"\r")
 
 
-def parse_line(raw: bytes, fmt: str = "minimind", specials=DEFAULT_SPECIAL_TOKENS) -> dict:
-    """One raw line -> a clean TRL record, or RecordError. `fmt` is "minimind" or "trl"."""
+def line_format(obj) -> str:
+    """"trl" for a record with a `prompt`, else "minimind": what a line is, whatever its neighbours are."""
+    return "trl" if isinstance(obj, dict) and "prompt" in obj else "minimind"
+
+
+def parse_line(raw: bytes, fmt: str = "auto", specials=DEFAULT_SPECIAL_TOKENS) -> dict:
+    """One raw line -> a clean TRL record, or RecordError. `fmt` is "minimind", "trl" or "auto" (each line in the
+    format it has, so a file mixing the two loses no line and every reject gets the reason of its own format)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -154,6 +160,7 @@ def parse_line(raw: bytes, fmt: str = "minimind", specials=DEFAULT_SPECIAL_TOKEN
         raise RecordError("invalid_json", f"not valid JSON: {e.msg} at column {e.colno}") from None
     except RecursionError:
         raise RecordError("invalid_json", "JSON nested too deeply to parse") from None
+    fmt = line_format(obj) if fmt == "auto" else fmt
     return check_trl_record(obj, specials) if fmt == "trl" else to_trl_record(obj, specials)
 
 

@@ -197,6 +197,29 @@ def resolve_resume(args):
     return found
 
 
+# The fields that decide the shapes of a model's weights
+_SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "intermediate_size")
+
+
+def check_checkpoint_fits(checkpoint, model) -> None:
+    """UserError when `checkpoint` holds weights of another architecture than `model` (resuming would stop inside
+    Trainer with a size-mismatch stack trace); nothing to check for a checkpoint without config.json (adapters)."""
+    if checkpoint is None or not (Path(checkpoint) / "config.json").is_file():
+        return
+    try:
+        saved = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # checkpoint_problem already accepted the weights; Trainer will say more
+    config = model.config.get_text_config().to_dict()
+    saved = saved.get("text_config", saved)
+    differ = [f"{k} {saved[k]} there, {config.get(k)} here" for k in _SHAPE_FIELDS
+              if k in saved and saved[k] != config.get(k)]
+    if differ:
+        raise UserError(f"resume_from_checkpoint: {checkpoint} was saved from another model ({'; '.join(differ)}): "
+                        "resume with the model it was trained from, or start fresh", code="bad_checkpoint")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # One run per output_dir
 

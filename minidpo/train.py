@@ -11,6 +11,7 @@ Every knob is a field of one of three dataclasses, settable in the YAML file or 
 
 import copy
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from minidpo.console import is_main_process, say
 from minidpo.errors import UserError, exit_status
 from minidpo.files import write_text_atomic
 from minidpo.masking import check_tokenizer, encode_pair, is_scorable
-from minidpo.models import check_vocab, ensure_pad_token, load_causal_lm, load_tokenizer
+from minidpo.models import check_vocab, ensure_pad_token, first_line, load_causal_lm, load_tokenizer
 from minidpo.trainer import MiniDPOConfig
 
 
@@ -35,7 +36,11 @@ class ScriptArguments(TrlScriptArguments):
     dataset_train_split: str = field(default="train", metadata={"help": "split of a convert directory to train on"})
     dataset_test_split: str = field(default="eval", metadata={"help": "split of a convert directory to evaluate on"})
     eval_fraction: float = field(
-        default=0.0, metadata={"help": "hold out this share of a single-file dataset for evaluation (deterministic)"})
+        default=0.0, metadata={"help": "hold out this share of a single-file dataset for evaluation (deterministic; "
+                                       "the pairs are written to output_dir/eval_pairs.jsonl)"})
+    eval_split_seed: int = field(
+        default=0, metadata={"help": "seed of the eval_fraction split; 0 like `minidpo convert --seed`, so both "
+                                     "hold out the same pairs"})
     merge_adapter: bool = field(
         default=False, metadata={"help": "with use_peft: also save the adapter merged into the base model, in "
                                          "output_dir/merged"})
@@ -104,16 +109,55 @@ def check_output_dir(script_args: ScriptArguments, training_args: MiniDPOConfig)
                         "to replace it", code="output_dir")
 
 
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
 def check_model_path(model_args: ModelConfig) -> None:
-    """A missing local folder is named as such (instead of Hugging Face's Hub lookup error)."""
+    """A missing local folder is named as such, at once: a path that looks local (`./`, `../`, `~`, `/`, more than
+    one `/`, or a first part that is an existing folder) or any path when HF_HUB_OFFLINE is set is never looked up
+    on the Hub (which retries for a minute and a half offline before its own error)."""
     name = model_args.model_name_or_path
     if not name:
         raise UserError("set model_name_or_path: a local Transformers folder (see `minidpo import-minimind`)",
                         code="bad_config")
     path = Path(name).expanduser()
-    looks_like_hub_id = not name.startswith((".", "/", "~")) and name.count("/") <= 1
-    if not path.exists() and not looks_like_hub_id:
+    if path.exists():
+        return
+    parts = Path(name).parts
+    looks_local = (name.startswith((".", "/", "~")) or len(parts) > 2
+                   or (len(parts) == 2 and Path(parts[0]).expanduser().is_dir()))
+    if looks_local:
         raise UserError(f"model_name_or_path {name!r} does not exist", code="missing_path")
+    if _hub_offline():
+        raise UserError(f"model_name_or_path {name!r} is not a local folder, and HF_HUB_OFFLINE is set so the Hub is "
+                        "not asked", code="missing_path")
+
+
+def check_reporting(training_args: MiniDPOConfig) -> None:
+    """Each `report_to` integration is installed (Transformers would stop with a stack trace when building the
+    trainer)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    available = set(get_available_reporting_integrations())
+    missing = [r for r in training_args.report_to or [] if r not in available]
+    if missing:
+        raise UserError(f"report_to {', '.join(missing)}: not installed here (pip install {' '.join(missing)}), or "
+                        "drop it from report_to", code="bad_config")
+
+
+def check_hub(training_args: MiniDPOConfig) -> None:
+    """With push_to_hub, the Hub answers and accepts the token before any training (the token is never shown)."""
+    if not training_args.push_to_hub:
+        return
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().whoami(token=training_args.hub_token)
+    except Exception as e:  # noqa: BLE001 -- every failure here means the same thing to the user
+        raise UserError(f"push_to_hub: the Hub cannot be reached or does not accept the token ({type(e).__name__}: "
+                        f"{first_line(e)}); check the network, HF_ENDPOINT and HF_TOKEN (or `hf auth login`), or "
+                        "drop push_to_hub", code="hub") from None
 
 
 def prepare_tokenizer(model_args: ModelConfig, trust_remote_code: bool):
@@ -144,7 +188,7 @@ def load_pairs(script_args: ScriptArguments, tokenizer, training_args: MiniDPOCo
     evals, eval_rejects = loading.load_trl_records(path, script_args.dataset_test_split, tokenizer)
     rejects += eval_rejects
     if not evals and script_args.eval_fraction > 0:
-        train, evals = loading.split_records(train, script_args.eval_fraction, training_args.seed)
+        train, evals = loading.split_records(train, script_args.eval_fraction, script_args.eval_split_seed)
     say(f"dataset {path}: {fmt} format; {len(train)} train / {len(evals)} eval pairs; {len(rejects)} rejected")
     if rejects:
         out = Path(training_args.output_dir)
@@ -157,6 +201,10 @@ def load_pairs(script_args: ScriptArguments, tokenizer, training_args: MiniDPOCo
         say(f"rejected lines by reason: {reasons}; details in {out / 'rejects.jsonl'}")
     if not train:
         raise UserError(f"no usable training pair in {path}", code="bad_data")
+    if evals and is_main_process():
+        # what `minidpo eval` scores by default: the pairs this run held out, never ones it trained on
+        write_text_atomic(Path(training_args.output_dir) / loading.EVAL_PAIRS,
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in evals))
     return train, evals, rejects
 
 
@@ -212,6 +260,8 @@ def _train(script_args: ScriptArguments, training_args: MiniDPOConfig, model_arg
     from minidpo.trainer import MiniDPOTrainer
 
     check_output_dir(script_args, training_args)
+    check_reporting(training_args)
+    check_hub(training_args)
     tokenizer = prepare_tokenizer(model_args, training_args.trust_remote_code)
     train, evals, rejects = load_pairs(script_args, tokenizer, training_args)
     check_max_length(train, tokenizer, training_args)
@@ -232,7 +282,9 @@ def _train(script_args: ScriptArguments, training_args: MiniDPOConfig, model_arg
         # later, during training, keep their stack trace.
         raise UserError(str(e), code="bad_config") from None
     trainer.data_source, trainer.lines_rejected = script_args.dataset_name, len(rejects)
-    trainer.train(resume_from_checkpoint=resilience.resolve_resume(training_args))
+    checkpoint = resilience.resolve_resume(training_args)
+    resilience.check_checkpoint_fits(checkpoint, trainer.accelerator.unwrap_model(trainer.model))
+    trainer.train(resume_from_checkpoint=checkpoint)
     if resilience.preempted(trainer):
         # Stopped by SIGTERM: a checkpoint is saved and the resume command printed. The run is not finished,
         # so no final evaluation, no model/summary in output_dir as if it were; exit 0.

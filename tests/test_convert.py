@@ -84,10 +84,12 @@ def test_nothing_converts_or_nothing_to_read_is_an_error(tmp_path):
     with pytest.raises(UserError, match="no record converted"):
         convert_file(src, tmp_path / "out", progress=False)
     assert len(read_jsonl(tmp_path / "out" / "rejects.jsonl")) == 2  # kept: they explain the failure
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["rejects.jsonl", "stats.json"]  # no empty output
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"\n\r\n")
     with pytest.raises(UserError, match="no records"):
         convert_file(empty, tmp_path / "out2", progress=False)
+    assert not (tmp_path / "out2" / "train.jsonl").exists()
 
 
 def test_bad_paths_and_options(tmp_path):

@@ -40,3 +40,18 @@ def test_eval_errors(trained, tmp_path, capsys):
     (bare / "config.json").write_text("{}")
     rc = cli.main(["eval", "--model", str(bare), "--data", str(tmp_path)])
     assert rc == 2 and "--ref" in capsys.readouterr().err
+
+
+def test_eval_scores_the_pairs_the_run_held_out_by_default(trained, converted, tmp_path):
+    out, summary = trained
+    held_out = loading.load_trl_records(converted, "eval")[0]
+    assert [json.loads(x) for x in (out / "eval_pairs.jsonl").read_text(encoding="utf-8").splitlines()] == held_out
+    assert cli.main(["eval", "--model", str(out), "--output", str(tmp_path / "ev")]) == 0
+    res = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert res["data"] == str(out / "eval_pairs.jsonl") and res["pairs"] == len(held_out)
+    assert res["length_averaged"]["sigmoid_loss"] == pytest.approx(summary["final_eval"]["eval_loss"], abs=1e-4)
+
+
+def test_eval_without_held_out_pairs_asks_for_data(small_base, tmp_path, capsys):
+    rc = cli.main(["eval", "--model", str(small_base[0])])
+    assert rc == 2 and "holds no eval_pairs.jsonl" in capsys.readouterr().err

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from helpers import bad_input_lines, line, read_jsonl, write_input
+from helpers import bad_input_lines, line, pair, read_jsonl, write_input
 from minidpo.convert import convert_file
 from minidpo.errors import UserError
 from minidpo.loading import detect_format, load_trl_records, split_records
@@ -55,3 +55,23 @@ def test_split_records_holds_out_what_convert_holds_out(tmp_path):
         assert train == read_jsonl(tmp_path / f"out{seed}" / "train.jsonl")
         assert evals == read_jsonl(tmp_path / f"out{seed}" / "eval.jsonl")
         assert train and evals
+
+
+def test_a_file_mixing_minimind_and_trl_lines_loses_none(tmp_path):
+    """Each line is read in the format it has; a bad line gets its own format's reason (a TRL line is never
+    rejected as a MiniMind line with `no_user_message`)."""
+    minimind = [pair(f"q{i}", f"good {i}", f"bad {i}") for i in range(3)]
+    trl = [to_trl_record(pair(f"t{i}", f"yes {i}", f"no {i}")) for i in range(3)]
+    bad_trl = dict(trl[0], chosen=trl[0]["chosen"] * 2)
+    src = tmp_path / "mixed.jsonl"
+    src.write_bytes(b"\n".join(line(r) for r in [minimind[0], trl[0], minimind[1], trl[1], bad_trl, minimind[2],
+                                                  trl[2]]) + b"\n")
+    assert detect_format(src) == "mixed"
+    records, rejects = load_trl_records(src)
+    assert records == [to_trl_record(minimind[0]), trl[0], to_trl_record(minimind[1]), trl[1],
+                       to_trl_record(minimind[2]), trl[2]]
+    assert [(r["line"], r["reason"]) for r in rejects] == [(5, "bad_type")]
+    assert "exactly one assistant message" in rejects[0]["message"]
+    stats = convert_file(src, tmp_path / "out", progress=False)
+    assert (stats["converted"], stats["rejected"]) == (6, 1)
+    assert read_jsonl(tmp_path / "out" / "train.jsonl") == records

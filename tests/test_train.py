@@ -398,3 +398,68 @@ def test_lora_trains_only_the_adapter_and_saves_adapter_and_merged(tiny_assets, 
     assert (out / "merged" / "tokenizer.json").is_file()
 
 
+
+
+def test_local_looking_paths_are_never_looked_up_on_the_hub(tmp_path, monkeypatch):
+    from trl import ModelConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for name in ("runs/does-not-exist", "./model", "../model", "~/no-such-model", "a/b/c"):
+        with pytest.raises(UserError, match="does not exist"):
+            train.check_model_path(ModelConfig(model_name_or_path=name))
+    train.check_model_path(ModelConfig(model_name_or_path="someone/model"))  # may be a Hub id: Transformers decides
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="not a local folder, and HF_HUB_OFFLINE is set"):
+        train.check_model_path(ModelConfig(model_name_or_path="someone/model"))
+
+
+def test_reporting_integration_not_installed(tiny_assets, tmp_path, capfd):
+    from transformers.integrations import get_available_reporting_integrations
+
+    missing = next((r for r in ("tensorboard", "wandb", "mlflow") if r not in get_available_reporting_integrations()),
+                   None)
+    if missing is None:
+        pytest.skip("every integration tried is installed")
+    cfg = write_config(tmp_path / "c.yaml", tiny_assets, tmp_path / "out", report_to=[missing])
+    assert train.run(["--config", str(cfg)]) == 2
+    assert_one_line_error(capfd.readouterr().err, f"report_to {missing}: not installed here")
+
+
+def test_push_to_hub_without_the_hub_is_one_line(tiny_assets, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tiny_assets, tmp_path / "out", push_to_hub=True,
+                       hub_model_id="someone/model")
+    env = dict(subprocess_env(tmp_path), HF_TOKEN="hf_" + "x" * 34)  # a token, and HF_HUB_OFFLINE=1: no network
+    proc = subprocess.run([sys.executable, "minidpo/train.py", "--config", str(cfg)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert env["HF_TOKEN"] not in proc.stdout + proc.stderr
+    assert_one_line_error(proc.stderr, "push_to_hub: the Hub cannot be reached", "OfflineModeIsEnabled")
+    assert not (tmp_path / "out" / "checkpoint-1").exists()
+
+
+def test_resuming_with_another_model_is_one_line(tiny_assets, tmp_path, capfd):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", tiny_assets, out, max_steps=1, save_strategy="steps", save_steps=1,
+                       eval_fraction=0.0)
+    assert train.run(["--config", str(cfg)]) == 0
+    other = save_small_model(tmp_path / "other")  # 32 wide, 1 layer; the run's model is 64 wide, 2 layers
+    capfd.readouterr()
+    assert train.run(["--config", str(cfg), "--model_name_or_path", str(other), "--resume_from_checkpoint",
+                      "true", "--max_steps", "2"]) == 2
+    assert_one_line_error(capfd.readouterr().err, "checkpoint-1 was saved from another model",
+                          "hidden_size 64 there, 32 here")
+
+
+def test_training_holds_out_what_convert_holds_out(tiny_assets, tmp_path):
+    """eval_fraction in training and `minidpo convert --eval-fraction` split a file the same way (same default seed),
+    and the run writes the pairs it held out."""
+    from minidpo.convert import convert_file
+    from minidpo.loading import load_trl_records
+
+    cfg = write_config(tmp_path / "c.yaml", tiny_assets, tmp_path / "out", max_steps=1, eval_fraction=0.2)
+    assert train.run(["--config", str(cfg)]) == 0
+    convert_file(tiny_assets / "dpo.jsonl", tmp_path / "conv", eval_fraction=0.2, progress=False)
+    held_out = load_trl_records(tmp_path / "conv", "eval")[0]
+    written = [json.loads(x) for x in (tmp_path / "out" / "eval_pairs.jsonl").read_text().splitlines()]
+    assert written == held_out and 0 < len(held_out) < 160

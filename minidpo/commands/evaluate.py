@@ -11,8 +11,9 @@ HELP = "reward accuracy and margins of a trained model against its reference; op
 def make_parser(subparsers=None) -> argparse.ArgumentParser:
     parser = new_parser("eval", HELP, subparsers)
     parser.add_argument("--model", required=True, help="trained model folder (full model or LoRA adapter)")
-    parser.add_argument("--data", required=True, help="held-out pairs: MiniMind dpo.jsonl, TRL jsonl, or a `minidpo "
-                                                      "convert` directory (its eval split, else train)")
+    parser.add_argument("--data", help="held-out pairs: MiniMind dpo.jsonl, TRL jsonl, or a `minidpo convert` "
+                                       "directory (its eval split, else train); default: the pairs the run held out "
+                                       "(MODEL/eval_pairs.jsonl)")
     parser.add_argument("--ref", help="reference model folder (default: the base model the run was trained from)")
     parser.add_argument("--output", help="directory for eval.json / eval.md (default: MODEL/eval)")
     parser.add_argument("--generate", type=int, default=0, metavar="N",
