@@ -59,6 +59,8 @@ PRIVATE_MEMBERS = (
     Member("transformers:Trainer", "_get_train_sampler", "method", ("train_dataset",),
            "group_by_length sorts pairs by chosen + rejected length"),
     Member("transformers:Trainer", "_signature_columns", "attribute", (), "set by _set_signature_columns_if_needed"),
+    Member("transformers:Trainer", "_issue_warnings_after_load", "method", ("load_result",),
+           "a tied LM head is not reported as a missing key on resume"),
     Member("transformers:Trainer", "push_to_hub", "calls", ("create_model_card",),
            "the pushed model card is minidpo's (create_model_card override), not TRL's alone"),
     # TRL utilities

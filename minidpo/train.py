@@ -201,10 +201,6 @@ def load_pairs(script_args: ScriptArguments, tokenizer, training_args: MiniDPOCo
         say(f"rejected lines by reason: {reasons}; details in {out / 'rejects.jsonl'}")
     if not train:
         raise UserError(f"no usable training pair in {path}", code="bad_data")
-    if evals and is_main_process():
-        # what `minidpo eval` scores by default: the pairs this run held out, never ones it trained on
-        write_text_atomic(Path(training_args.output_dir) / loading.EVAL_PAIRS,
-                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in evals))
     return train, evals, rejects
 
 
@@ -282,6 +278,10 @@ def _train(script_args: ScriptArguments, training_args: MiniDPOConfig, model_arg
         # later, during training, keep their stack trace.
         raise UserError(str(e), code="bad_config") from None
     trainer.data_source, trainer.lines_rejected = script_args.dataset_name, len(rejects)
+    if evals and trainer.accelerator.is_main_process:
+        # what `minidpo eval` scores by default: the pairs this run held out, never ones it trained on
+        write_text_atomic(Path(training_args.output_dir) / loading.EVAL_PAIRS,
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in evals))
     checkpoint = resilience.resolve_resume(training_args)
     resilience.check_checkpoint_fits(checkpoint, trainer.accelerator.unwrap_model(trainer.model))
     trainer.train(resume_from_checkpoint=checkpoint)

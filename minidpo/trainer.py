@@ -26,6 +26,7 @@ Speed, each keeping the loss (tests/test_trainer.py; scripts/bench.py measures t
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,6 +193,10 @@ class MiniDPOTrainer(DPOTrainer):
         ensure_pad_token(tokenizer)
         if data_collator is None:
             data_collator = PairCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
+        if args.ddp_find_unused_parameters is None and not isinstance(model, str):
+            # Transformers would ask DDP to look for unused parameters (and warn each run that there were none):
+            # only a mixture-of-experts model leaves some unused
+            args.ddp_find_unused_parameters = _routes_tokens(model)
         self.pairs_dropped: dict[str, int] = {}
         self.data_source: str | None = None
         self.lines_rejected = 0
@@ -328,7 +333,7 @@ class MiniDPOTrainer(DPOTrainer):
         if self._signature_columns is None:
             self._signature_columns = list(PAIR_COLUMNS) + list(REF_COLUMNS)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def _compute_loss_length_normalized(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.args.length_normalize and _TRL_LENGTH_AVERAGED & set(self.loss_types):
             inputs = {**inputs, "completion_mask": _count_each_sequence_once(inputs["completion_mask"])}
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -343,8 +348,39 @@ class MiniDPOTrainer(DPOTrainer):
             dataset_name = None
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
         if self.is_world_process_zero():
-            with open(Path(self.args.output_dir) / "README.md", "a", encoding="utf-8") as f:
-                f.write(training_report.card_sections(self))
+            card = Path(self.args.output_dir) / "README.md"
+            card.write_text(training_report.fix_card_base(card.read_text(encoding="utf-8"), self)
+                            + training_report.card_sections(self), encoding="utf-8")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with warnings.catch_warnings():
+            # TRL reads the deprecated `is_gradient_checkpointing` in every reference forward: Transformers' notice
+            # is for TRL's authors, not for the person training.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            return self._compute_loss_length_normalized(model, inputs, return_outputs, num_items_in_batch)
+
+    def _issue_warnings_after_load(self, load_result):
+        # A tied LM head is saved once, under the embedding's name: its "missing" key is loaded all the same.
+        tied = _tied_duplicates(self.accelerator.unwrap_model(self.model))
+        missing = [k for k in load_result.missing_keys if k not in tied]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
+
+def _tied_duplicates(model) -> set[str]:
+    """Names of parameters that are another parameter under a second name (a tied LM head)."""
+    seen, tied = set(), set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        seen.add(id(param))
+    return tied
+
+
+def _routes_tokens(model) -> bool:
+    """A mixture-of-experts model: an expert no token was routed to gets no gradient in a step."""
+    config = model.config.get_text_config()
+    return any(getattr(config, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
 
 
 def _encode_example(example, tokenizer, max_length, mask_mode, truncation_mode):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from enum import Enum
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -166,7 +167,13 @@ def _base_model(trainer) -> str:
     return str(Path(name).resolve()) if name and Path(name).exists() else name
 
 
+def _plain(value):
+    """Enum options (lr_scheduler_type, ...) as the value a config file takes, not `SchedulerType.COSINE`."""
+    return value.value if isinstance(value, Enum) else value
+
+
 def training_summary(trainer, eval_metrics: dict, n_rejected: int = 0) -> dict:
+    """summary.json's content: final and best metrics, tokens and time, drops and rejects, base model, config."""
     state = trainer.state
     train_runtime = next((e["train_runtime"] for e in reversed(state.log_history) if "train_runtime" in e), None)
     tokens = trainer._total_train_tokens
@@ -188,7 +195,7 @@ def training_summary(trainer, eval_metrics: dict, n_rejected: int = 0) -> dict:
         "pairs_dropped_no_scored_token": dict(trainer.pairs_dropped),
         "lines_rejected": n_rejected,
         "base_model": _base_model(trainer),
-        "config": {k: getattr(args, k) for k in _CARD_KEYS},
+        "config": {k: _plain(getattr(args, k)) for k in _CARD_KEYS},
         "output_dir": str(Path(args.output_dir).resolve()),
         "plots": sorted(f"plots/{p.name}" for p in plots_dir.glob("*.png")) if plots_dir.is_dir() else [],
     }
@@ -202,6 +209,15 @@ def _table(rows: dict) -> str:
     lines = ["| key | value |", "| --- | --- |"]
     lines += [f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in rows.items()]
     return "\n".join(lines)
+
+
+def fix_card_base(text: str, trainer) -> str:
+    """TRL's card names a local base model "None" (it links Hub ids only): name the folder instead, and load the
+    model from where it was saved."""
+    base = _base_model(trainer)
+    where = trainer.hub_model_id or str(Path(trainer.args.output_dir))
+    return (text.replace("[None](https://huggingface.co/None)", f"`{base}` (a local model)")
+            .replace('model="None"', f"model={where!r}".replace("'", '"')))
 
 
 def card_sections(trainer) -> str:

@@ -154,3 +154,16 @@ def test_output_dir_lock(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file"):
         OutputDirLock(tmp_path / "file").acquire()
+
+
+def test_train_refuses_a_named_checkpoint_without_its_optimizer(tiny_assets, tmp_path, capfd):
+    from minidpo import train
+
+    ckpt = _fake_checkpoint(tmp_path / "out", 3)
+    (ckpt / "optimizer.pt").unlink()
+    before = sorted(p.name for p in ckpt.iterdir())
+    argv = ["--model_name_or_path", str(tiny_assets / "base"), "--dataset_name", str(tiny_assets / "dpo.jsonl"),
+            "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--resume_from_checkpoint", str(ckpt)]
+    assert train.run(argv) == 2
+    assert_one_line_error(capfd.readouterr().err, f"{ckpt} is not a complete checkpoint: no optimizer.pt")
+    assert sorted(p.name for p in ckpt.iterdir()) == before

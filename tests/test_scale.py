@@ -44,8 +44,7 @@ BASE_CONFIG = {
     "report_to": "none",
     "dataloader_num_workers": 0,
     "disable_tqdm": True,
-    # On CPU the processes a launcher starts form one (gloo) process group only with use_cpu (cpu_ddp.yaml).
-    "use_cpu": True,
+    # No use_cpu: on a machine without an accelerator MiniDPOConfig sets it, so cpu_ddp.yaml needs no extra flag.
 }
 
 
@@ -185,6 +184,7 @@ def test_cpu_ddp_matches_single_process(assets, reference, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     # one copy of each [minidpo] line, whatever the number of processes
     assert proc.stdout.count("[minidpo] dataset ") == 1 and proc.stdout.count("[minidpo] tokenizer ") == 1, proc.stdout
+    assert "find_unused_parameters" not in proc.stderr, "DDP was asked to look for unused parameters"
     ddp_losses = step_losses(tmp_path / "ddp" / "checkpoint-8")
     ref_losses = reference["losses"]
     assert sorted(ddp_losses) == sorted(ref_losses) == list(range(1, 9))
@@ -327,7 +327,7 @@ class _Proc:
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_is_bitwise(assets, reference, tmp_path):
+def test_resume_after_sigkill_is_bitwise(assets, reference, tmp_path, capfd):
     from minidpo.resilience import checkpoint_problem
 
     config = write_config(tmp_path / "c.yaml", assets, tmp_path / "run")
@@ -340,7 +340,11 @@ def test_resume_after_sigkill_is_bitwise(assets, reference, tmp_path):
     done = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
     assert "checkpoint-8" not in done
 
+    capfd.readouterr()
     train_in_process(config, "--resume_from_checkpoint", "true")
+    resumed = capfd.readouterr()
+    assert "taking over" in resumed.out  # the killed run's lock
+    assert "missing keys" not in resumed.err, "the tied LM head reported as missing"
     assert step_losses(tmp_path / "run" / "checkpoint-8") == reference["losses"]
     assert bitwise_equal(weights(tmp_path / "run"), reference["weights"]), \
         f"max |diff| {max_abs_diff(weights(tmp_path / 'run'), reference['weights']):.2e}"

@@ -85,12 +85,15 @@ def test_accelerate_launch_trains_saves_and_reloads(tiny_assets, tmp_path):
                   tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "minimind format" in proc.stdout  # the dataset format is detected and said
+    for noise in ("is_gradient_checkpointing", "pin_memory", "missing keys"):
+        assert noise not in proc.stderr, noise
 
     for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
                  "summary.json"):
         assert (out / name).is_file(), f"{name} missing from {sorted(p.name for p in out.iterdir())}"
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "minidpo" in card and "length_normalize" in card
+    assert f"`{tiny_assets / 'base'}` (a local model)" in card and "None" not in card
 
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["global_step"] == TINY["max_steps"]
@@ -228,14 +231,26 @@ ERROR_CASES = {
 }
 
 
+def _files(root: Path) -> dict:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest() for p in root.rglob("*")
+            if p.is_file()}
+
+
 @pytest.mark.parametrize("case", list(ERROR_CASES))
 def test_clear_errors(case, tiny_assets, tmp_path, capfd):
+    """Exit 2, one line, no traceback, and nothing that was there before touched (nothing written but rejects)."""
     overrides, needles = ERROR_CASES[case]
     cfg = write_config(tmp_path / "bad.yaml", tiny_assets, **{"output_dir": tmp_path / "out",
                                                                **overrides(tiny_assets, tmp_path)})
+    before = _files(tmp_path)
     capfd.readouterr()
     assert train.run(["--config", str(cfg)]) == 2
     assert_one_line_error(capfd.readouterr().err, "minidpo train: error:", *needles)
+    after = _files(tmp_path)
+    assert {k: after.get(k) for k in before} == before
+    assert [k for k in after if k not in before and not k.endswith("rejects.jsonl")] == []
 
 
 def test_yaml_and_value_errors_are_one_line(tiny_assets, tmp_path, capfd):

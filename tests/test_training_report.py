@@ -42,6 +42,7 @@ def test_training_writes_plots_summary_and_card(trained, small_base):
     assert on_disk["train_tokens"] > 0 and on_disk["train_tokens_per_second"] > 0
     assert on_disk["wall_seconds"] >= on_disk["train_seconds"] > 0
     assert on_disk["base_model"] == str(small_base[0].resolve())
+    assert on_disk["config"]["lr_scheduler_type"] == "linear"  # the config file's word, not SchedulerType.LINEAR
     card = (out / "README.md").read_text()
     assert "![training curves](plots/overview.png)" in card and "(plots/loss.png)" in card
     assert "Best evaluation" in card
