@@ -15,7 +15,7 @@ from pathlib import Path
 
 from minidpo.errors import RecordError, UserError
 from minidpo.files import atomic_path, check_input_file, write_text_atomic
-from minidpo.masking import MASK_MODES, check_tokenizer, diagnose_pair
+from minidpo.masking import MASK_MODES, check_tokenizer, common_prefix, diagnose_pair
 from minidpo.records import in_eval_split, iter_jsonl_lines, parse_line, reject_entry, special_tokens
 
 _MAX_WARNINGS = 100  # warnings kept with their line numbers in stats.json; all are counted
@@ -66,15 +66,6 @@ def _pair_checker(tokenizer, max_length, mask_mode):
         return encoded, issues
 
     return check
-
-
-def _common_prefix(a: list, b: list) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @contextlib.contextmanager
@@ -178,7 +169,7 @@ def convert_file(input_path, output_dir, tokenizer=None, max_length=None, mask_m
 
 def _add_lengths(lengths, enc):
     c, r = enc["chosen_input_ids"], enc["rejected_input_ids"]
-    lengths["prompt"].add(_common_prefix(c, r))
+    lengths["prompt"].add(common_prefix(c, r))
     lengths["chosen"].add(len(c))
     lengths["rejected"].add(len(r))
     lengths["chosen_scored"].add(sum(enc["chosen_loss_mask"]))

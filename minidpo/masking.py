@@ -254,7 +254,8 @@ def _nothing_scored(side, max_length, kept) -> Issue:
                  fatal=True)
 
 
-def _common_prefix(a: list, b: list) -> int:
+def common_prefix(a: list, b: list) -> int:
+    """How many leading items `a` and `b` share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -271,7 +272,7 @@ def _encode_text_pair(record, tokenizer, max_length, truncation_mode):
     full = {side: tokenizer(text=record["prompt"] + (record[side] if not eos or record[side].endswith(eos)
                                                      else record[side] + eos))["input_ids"] for side in SIDES}
     # the completion starts where the tokenized prompt and prompt + completion diverge (tokens can merge across)
-    p = min(len(prompt_ids), *(_common_prefix(prompt_ids, ids) for ids in full.values()))
+    p = min(len(prompt_ids), *(common_prefix(prompt_ids, ids) for ids in full.values()))
     out, issues = {"prompt_ids": prompt_ids[:p]}, []
     for side, ids in full.items():
         ids, mask = _truncate(ids, [0] * max(p, 1) + [1] * (len(ids) - max(p, 1)), max_length, truncation_mode)
@@ -304,7 +305,7 @@ def diagnose_pair(record: dict, tokenizer, max_length: int | None = None, mask_m
     prompt = render(record["prompt"], tokenizer, add_generation_prompt=True, **kwargs)
     marker_search = mask_mode == "minimind" and _scheme(tokenizer).bos_ids is not None
     prompt_ids = tokenizer(prompt, **({} if marker_search else {"add_special_tokens": False}))["input_ids"]
-    out["prompt_ids"] = prompt_ids[:min(len(prompt_ids), *(_common_prefix(prompt_ids, ids) for ids in full.values()))]
+    out["prompt_ids"] = prompt_ids[:min(len(prompt_ids), *(common_prefix(prompt_ids, ids) for ids in full.values()))]
     return out, issues
 
 
