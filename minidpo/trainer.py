@@ -26,6 +26,7 @@ Speed, each keeping the loss (tests/test_trainer.py; scripts/bench.py measures t
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,11 @@ logger = logging.get_logger(__name__)
 
 # Losses that read per-token log-probs or completion lengths themselves, which length-averaged rows would skew.
 _NOT_WITH_LENGTH_NORMALIZE = {"sft": "its NLL term reads per-token log-probs"}
+# MiniMind's get_lr(step, total, lr) / lr, by the version that introduced it
+_MINIMIND_SCHEDULES = {
+    "2510": lambda progress: 0.1 + 0.5 * (1 + math.cos(math.pi * progress)),
+    "2512": lambda progress: 0.1 + 0.45 * (1 + math.cos(math.pi * progress)),
+}
 # TRL's own length-averaged losses: they divide the log-ratios by the completion length once more.
 _TRL_LENGTH_AVERAGED = {"ipo", "sigmoid_norm"}
 
@@ -115,6 +121,25 @@ class MiniDPOConfig(DPOConfig):
         metadata={"help": "With precompute_ref_log_probs: where reference log-probs are cached across runs, keyed by "
                           "the reference weights and the encoded pairs. Default $MINIDPO_CACHE or ~/.cache/minidpo."},
     )
+    # MiniMind's own training loop, option by option (README "Coming from MiniMind" says which version uses which)
+    minimind_lr_schedule: str | None = field(
+        default=None,
+        metadata={"help": "MiniMind's get_lr instead of lr_scheduler_type, stepped as MiniMind steps it (per batch, "
+                          "from 1): '2510' = lr/10 + lr/2*(1+cos(pi*step/total)) (MiniMind up to 2025-12-01, peak "
+                          "1.1*lr), '2512' = lr*(0.1+0.45*(1+cos(pi*step/total))) (from 2025-12-06, peak lr). The "
+                          "floor follows learning_rate.", "choices": [None, *_MINIMIND_SCHEDULES]},
+    )
+    minimind_data_order: bool = field(
+        default=False,
+        metadata={"help": "MiniMind's batch order (from 2026-01-18): each epoch torch.manual_seed(42 + epoch) then "
+                          "torch.randperm, consecutive batches; under several processes, torch's DistributedSampler "
+                          "order (seed 0), as MiniMind's DDP runs read it. Default: the Trainer's shuffle."},
+    )
+    decay_all_parameters: bool = field(
+        default=False,
+        metadata={"help": "Weight decay on every parameter, norms and biases included, as MiniMind's "
+                          "optim.AdamW(model.parameters()) applies it. Default: Transformers exempts them."},
+    )
     # TRL turns checkpointing on by default (under its deprecated name). MiniMind's models are 26M-104M
     # parameters: their activations are cheap to keep and slow to recompute, so it is off unless asked for.
     gradient_checkpointing: bool | None = field(
@@ -123,6 +148,9 @@ class MiniDPOConfig(DPOConfig):
     def __post_init__(self):
         if self.mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
+        if self.minimind_lr_schedule not in (None, *_MINIMIND_SCHEDULES):
+            raise ValueError(f"minimind_lr_schedule must be one of {list(_MINIMIND_SCHEDULES)}, got "
+                             f"{self.minimind_lr_schedule!r}")
         if self.truncation_mode not in TRUNCATION_MODES:
             raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
@@ -271,13 +299,34 @@ class MiniDPOTrainer(DPOTrainer):
         return logps
 
     def _get_train_sampler(self, train_dataset=None):
-        # Transformers' group_by_length looks for an `input_ids` column; a pair's cost is its two sequences.
         train_dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.minimind_data_order and isinstance(train_dataset, Dataset):
+            return MiniMindOrder(len(train_dataset), self.args.per_device_train_batch_size,
+                                 self.accelerator.num_processes, self.accelerator.process_index)
+        # Transformers' group_by_length looks for an `input_ids` column; a pair's cost is its two sequences.
         if (self.args.train_sampling_strategy == "group_by_length" and isinstance(train_dataset, Dataset)
                 and self.args.length_column_name not in train_dataset.column_names):
             return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                         lengths=pair_lengths(train_dataset))
         return super()._get_train_sampler(train_dataset)
+
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        if self.args.minimind_lr_schedule is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        # MiniMind sets get_lr(step, total) before each batch, step counted from 1 over all epochs' batches; an
+        # optimizer step here is `gradient_accumulation_steps` of them.
+        factor = _MINIMIND_SCHEDULES[self.args.minimind_lr_schedule]
+        per_step = self.args.gradient_accumulation_steps
+        total = num_training_steps * per_step
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer or self.optimizer, lambda k: factor(min((k + 1) * per_step, total) / total))
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def get_decay_parameter_names(self, model):
+        if self.args.decay_all_parameters:
+            return [name for name, _ in model.named_parameters()]
+        return super().get_decay_parameter_names(model)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Encode preference records into ids and loss masks (`minidpo.masking.encode_pair`) and drop the pairs left
@@ -365,6 +414,43 @@ class MiniDPOTrainer(DPOTrainer):
         tied = _tied_duplicates(self.accelerator.unwrap_model(self.model))
         missing = [k for k in load_result.missing_keys if k not in tied]
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
+
+class MiniMindOrder(torch.utils.data.Sampler):
+    """The order in which MiniMind's train_dpo.py reads its data (from 2026-01-18), epoch by epoch (`set_epoch`).
+
+    One process: `torch.manual_seed(42 + epoch)` then `torch.randperm(n)`, read in consecutive batches. Several: each
+    rank reads what torch's `DistributedSampler` (shuffle, seed 0, padded to equal shares) gives it, as MiniMind's DDP
+    runs do; the indices are laid out so that Accelerate, which deals a process every `world`-th batch, hands rank r
+    exactly those batches (exactly while a rank's share is whole batches; a last partial batch is split as
+    Accelerate splits batches).
+    """
+
+    def __init__(self, n: int, batch_size: int, world: int = 1, rank: int = 0):
+        self.n, self.batch_size, self.world, self.rank = n, batch_size, world, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> list[int]:
+        if self.world == 1:
+            generator = torch.Generator().manual_seed(42 + self.epoch)
+            return torch.randperm(self.n, generator=generator).tolist()
+        shares = []
+        for rank in range(self.world):
+            sampler = torch.utils.data.DistributedSampler(range(self.n), num_replicas=self.world, rank=rank,
+                                                          shuffle=True, seed=0)
+            sampler.set_epoch(self.epoch)
+            shares.append(list(sampler))
+        b = self.batch_size
+        return [i for start in range(0, len(shares[0]), b) for share in shares for i in share[start:start + b]]
+
+    def __iter__(self):
+        return iter(self._order())
+
+    def __len__(self) -> int:
+        return self.n if self.world == 1 else -(-self.n // self.world) * self.world
 
 
 def _tied_duplicates(model) -> set[str]:

@@ -114,6 +114,34 @@ def seq_logp(model, ids, mask, average: bool = True):
     return total / m.sum().clamp_min(1e-8) if average else total
 
 
+def minimind_reference(messages, tokenizer, max_length):
+    """MiniMind's DPODataset.__getitem__ for one side, re-implemented from the walkthrough (no minidpo code): render
+    with the chat template, tokenize with truncation and padding to max_length, search the "<bos>assistant\\n" /
+    "<eos>\\n" markers over the padded ids, shift by one. Returns (x, y, mask) lists of length max_length - 1."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bos_id = tokenizer(f"{tokenizer.bos_token}assistant\n", add_special_tokens=False).input_ids
+    eos_id = tokenizer(f"{tokenizer.eos_token}\n", add_special_tokens=False).input_ids
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    ids = tokenizer(text, truncation=True, max_length=max_length, padding="max_length").input_ids
+    assert all(t == pad for t in ids[len(tokenizer(text).input_ids):])
+    loss_mask = [0] * len(ids)
+    i = 0
+    while i < len(ids):
+        if ids[i : i + len(bos_id)] == bos_id:
+            start = i + len(bos_id)
+            end = start
+            while end < len(ids):
+                if ids[end : end + len(eos_id)] == eos_id:
+                    break
+                end += 1
+            for j in range(start, min(end + len(eos_id), max_length)):
+                loss_mask[j] = 1
+            i = end + len(eos_id) if end < len(ids) else len(ids)
+        else:
+            i += 1
+    return ids[:-1], ids[1:], loss_mask[1:]
+
+
 def assert_one_line_error(stderr: str, *needles: str) -> str:
     """stderr ends with exactly one `error:` line, no traceback, holding every needle; returns that line."""
     assert "Traceback" not in stderr, stderr

@@ -34,13 +34,19 @@ def test_every_config_parses(path, tmp_path):
     assert model_args.model_name_or_path and script_args.dataset_name
 
 
-@pytest.mark.parametrize("name", ["minimind2-small.yaml", "minimind2.yaml", "minimind2-small-lora.yaml"])
-def test_minimind_configs_use_minimind_dpo(name, tmp_path):
+MINIMIND_CONFIGS = ["minimind2-small.yaml", "minimind2.yaml", "minimind2-small-lora.yaml", "minimind3.yaml"]
+
+
+@pytest.mark.parametrize("name", MINIMIND_CONFIGS)
+def test_minimind_configs_are_minimind_runs(name, tmp_path):
+    """MiniMind's train_dpo.py defaults of the version each file names, and its loop's options all on."""
     script_args, args, model_args = parse(REPO / "configs" / name, tmp_path)
-    assert args.length_normalize and args.mask_mode == "minimind" and args.loss_type == ["sigmoid"]
-    assert args.beta == 0.1 and args.max_length == 1024
-    assert args.per_device_train_batch_size == 4 and args.gradient_accumulation_steps == 1
-    assert args.max_grad_norm == 1.0 and args.weight_decay == 0.01
+    minimind3 = name == "minimind3.yaml"
+    assert args.length_normalize is not minimind3 and args.beta == (0.15 if minimind3 else 0.1)
+    assert args.mask_mode == "minimind" and args.loss_type == ["sigmoid"] and args.max_length == 1024
+    assert args.num_train_epochs == 1 and args.per_device_train_batch_size == 4
+    assert args.gradient_accumulation_steps == 1 and args.max_grad_norm == 1.0 and args.weight_decay == 0.01
+    assert args.minimind_lr_schedule == "2512" and args.minimind_data_order and args.decay_all_parameters
     # bf16 is left to the hardware default: not in the file, so parsing gives what MiniDPOConfig picks alone
     assert "bf16" not in yaml.safe_load((REPO / "configs" / name).read_text(encoding="utf-8"))
     assert args.bf16 == MiniDPOConfig(output_dir=str(tmp_path), report_to="none").bf16
@@ -50,26 +56,58 @@ def test_minimind_configs_use_minimind_dpo(name, tmp_path):
         assert args.learning_rate > 1e-7, "LoRA needs a higher learning rate than MiniMind's full DPO"
     else:
         assert not model_args.use_peft
-        assert args.learning_rate <= 5e-8, "MiniMind keeps full-DPO learning rates <= 5e-8"
+        assert args.learning_rate == 4e-8, "MiniMind's --learning_rate default"
 
 
-@pytest.mark.parametrize("name,base_lr", [("minimind2-small.yaml", 1e-8), ("minimind2.yaml", 1e-8),
-                                          ("minimind2-small-lora.yaml", 5e-6)])
-def test_schedule_is_minimind_get_lr(name, base_lr, tmp_path):
-    """MiniMind2's get_lr(step, total, lr) = lr/10 + lr/2 * (1 + cos(pi * step / total)), step by step."""
+def _trainer(tmp_path, **config):
+    from datasets import Dataset
+
+    from helpers import to_trl
+    from minidpo.embedded import build_tiny_model, build_tokenizer, make_preference_records
+    from minidpo.trainer import MiniDPOTrainer
+
+    tok = build_tokenizer()
+    data = [to_trl(r) for r in make_preference_records(10, seed=1)]
+    return MiniDPOTrainer(build_tiny_model(tok), ref_model=build_tiny_model(tok),
+                          args=MiniDPOConfig(output_dir=str(tmp_path), report_to="none", **config),
+                          train_dataset=Dataset.from_list(data), processing_class=tok)
+
+
+@pytest.mark.parametrize("schedule,accumulation", [("2510", 1), ("2512", 1), ("2512", 3)])
+def test_minimind_lr_schedule_is_get_lr_stepped_from_1(tmp_path, schedule, accumulation):
+    """MiniMind sets lr = get_lr(epoch * iters + step, epochs * iters, lr) before each batch, step counted from 1;
+    an optimizer step takes the lr of its last batch."""
+    lr, steps = 3e-4, 40
+    trainer = _trainer(tmp_path, learning_rate=lr, minimind_lr_schedule=schedule,
+                       gradient_accumulation_steps=accumulation)
+    trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+    total = steps * accumulation
+    for k in range(steps):
+        batch = (k + 1) * accumulation
+        if schedule == "2510":
+            expected = lr / 10 + 0.5 * lr * (1 + math.cos(math.pi * batch / total))
+        else:
+            expected = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * batch / total)))
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12), k
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+
+
+def test_minimind_data_order_and_weight_decay(tmp_path):
     import torch
-    from transformers import get_scheduler
 
-    _, args, _ = parse(REPO / "configs" / name, tmp_path)
-    total = 50
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
-    sched = get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=args.warmup_steps,
-                          num_training_steps=total, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
-    for step in range(total):
-        minimind = base_lr / 10 + 0.5 * base_lr * (1 + math.cos(math.pi * step / total))
-        assert sched.get_last_lr()[0] == pytest.approx(minimind, rel=1e-9), f"step {step}"
-        opt.step()
-        sched.step()
+    trainer = _trainer(tmp_path, minimind_data_order=True, decay_all_parameters=True, weight_decay=0.01)
+    sampler = trainer._get_train_sampler()
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        torch.manual_seed(42 + epoch)
+        assert list(sampler) == torch.randperm(10).tolist(), epoch
+    trainer.create_optimizer()
+    decayed = [p for g in trainer.optimizer.param_groups if g["weight_decay"] == 0.01 for p in g["params"]]
+    assert len(decayed) == len(list(trainer.model.parameters()))  # norms included, as MiniMind's AdamW
+    plain = _trainer(tmp_path, weight_decay=0.01)
+    plain.create_optimizer()
+    assert any(g["weight_decay"] == 0.0 and g["params"] for g in plain.optimizer.param_groups)  # Transformers' rule
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -14,36 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from helpers import shared_path
+from helpers import minimind_reference, shared_path
 from minidpo.embedded import build_tokenizer
 from minidpo.errors import RecordError, UserError
 from minidpo.masking import check_tokenizer, diagnose_pair, encode_pair, uses_minimind_markers
-
-
-def minimind_reference(messages, tokenizer, max_length):
-    """MiniMind's DPODataset.__getitem__ for one side: (x, y, mask) lists of length max_length - 1."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    bos_id = tokenizer(f"{tokenizer.bos_token}assistant\n", add_special_tokens=False).input_ids
-    eos_id = tokenizer(f"{tokenizer.eos_token}\n", add_special_tokens=False).input_ids
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-    ids = tokenizer(text, truncation=True, max_length=max_length, padding="max_length").input_ids
-    assert all(t == pad for t in ids[len(tokenizer(text).input_ids):])
-    loss_mask = [0] * len(ids)
-    i = 0
-    while i < len(ids):
-        if ids[i : i + len(bos_id)] == bos_id:
-            start = i + len(bos_id)
-            end = start
-            while end < len(ids):
-                if ids[end : end + len(eos_id)] == eos_id:
-                    break
-                end += 1
-            for j in range(start, min(end + len(eos_id), max_length)):
-                loss_mask[j] = 1
-            i = end + len(eos_id) if end < len(ids) else len(ids)
-        else:
-            i += 1
-    return ids[:-1], ids[1:], loss_mask[1:]
 
 
 def assert_same_as_minimind(record, tokenizer, max_length):

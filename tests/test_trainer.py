@@ -497,3 +497,25 @@ def test_image_datasets_are_refused_with_the_reason(tmp_path):
     images = Dataset.from_list([dict(r, images=[None]) for r in _conversational(2)])
     with pytest.raises(ValueError, match="image columns found.*trl.DPOTrainer"):
         trainer._prepare_dataset(images, tok, args, "train")
+
+
+@pytest.mark.parametrize("n", [16, 24])
+def test_minimind_order_under_ddp_is_distributed_samplers(n):
+    """Several processes: Accelerate deals whole batches round-robin; each rank gets the batches torch's
+    DistributedSampler (MiniMind's DDP sampler, seed 0, reshuffled by set_epoch) gives it."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, DistributedSampler
+
+    from minidpo.trainer import MiniMindOrder
+
+    world, batch = 2, 4
+    for epoch in (0, 1):
+        order = MiniMindOrder(n, batch, world=world)
+        order.set_epoch(epoch)
+        for rank in range(world):
+            dealt = list(BatchSamplerShard(BatchSampler(order, batch, drop_last=False), num_processes=world,
+                                           process_index=rank))
+            minimind = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=0)
+            minimind.set_epoch(epoch)
+            share = list(minimind)
+            assert dealt == [share[i:i + batch] for i in range(0, len(share), batch)], (epoch, rank)
