@@ -80,7 +80,9 @@ def load_causal_lm(name_or_path, what: str = "model", revision: str | None = Non
 def check_vocab(tokenizer, model, what: str = "the model",
                 advice: str = "they do not belong together (point model_name_or_path at a folder holding both)"):
     """UserError when the tokenizer has ids the model's embedding has no row for; `advice` says what to do."""
-    rows = model.get_input_embeddings().weight.shape[0]
+    embedding = model.get_input_embeddings()
+    # num_embeddings, not weight.shape: under DeepSpeed ZeRO-3 the weight of each process is an empty placeholder
+    rows = getattr(embedding, "num_embeddings", None) or embedding.weight.shape[0]
     if len(tokenizer) > rows:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but {what}'s embedding has {rows} rows: {advice}",
                         code="bad_model")

@@ -301,14 +301,19 @@ def run_row(name, args) -> dict:
 
 # ------------------------------------------------------------------------------------------------ driver
 
-def matmul_peak(device: str, dtype_name: str, n: int = 2048, reps: int = 5) -> float:
-    """Best-of-3 GFLOP/s of an n x n matmul."""
+def matmul_peak(device: str, dtype_name: str, n: int = 2048, budget_s: float = 3.0) -> float:
+    """Best GFLOP/s of square matmuls of at most n x n, measured within about `budget_s` seconds on any machine.
+
+    A dtype the machine runs slowly (bf16 on a CPU without native bf16: ~1 GFLOP/s, where one 2048 x 2048 matmul
+    takes seconds) is measured on smaller matrices, never for minutes: the size doubles from 256 only while one
+    matmul fits a tenth of the budget.
+    """
     import torch
 
     dtype = getattr(torch, dtype_name)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    best = 0.0
-    for _ in range(4):
+
+    def seconds(size: int, reps: int) -> float:
+        a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -316,8 +321,14 @@ def matmul_peak(device: str, dtype_name: str, n: int = 2048, reps: int = 5) -> f
             a @ b
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t) / 1e9)
-    return best
+        return time.perf_counter() - t
+
+    size, one = 256, seconds(256, 1)
+    while size * 2 <= n and one * 8 <= budget_s / 10:  # the next size costs ~8x
+        size *= 2
+        one = seconds(size, 1)
+    reps = max(1, int(budget_s / 4 / max(one, 1e-9)))
+    return max(2 * size**3 * reps / seconds(size, reps) / 1e9 for _ in range(3))
 
 
 def parse(argv=None):
@@ -369,7 +380,8 @@ def main(argv=None):
     if unknown:
         sys.exit(f"unknown rows {sorted(unknown)}; choose from {ROWS + EXTRA_ROWS}")
     n = 1024 if args.shape == "tiny" else 2048
-    peaks = {d: matmul_peak(args.device, d, n) for d in ("float32", "bfloat16")}
+    peaks = {d: matmul_peak(args.device, d, n, budget_s=1.0 if args.shape == "tiny" else 3.0)
+             for d in ("float32", "bfloat16")}
     if args.dtype == "auto":
         args.dtype = "bf16" if peaks["bfloat16"] > peaks["float32"] else "fp32"
     print(f"[bench] {args.shape}, {args.steps} steps x {args.batch_size} pairs, max_length {args.max_length}, "

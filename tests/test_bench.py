@@ -68,3 +68,28 @@ def _load_bench():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+def test_matmul_peak_probe_is_bounded_in_time(dtype):
+    """The dtype probes finish in about their budget on any CPU (bf16 without native support once took 20 minutes
+    before the first row); float64 stands in for a slow dtype here."""
+    import time
+
+    bench = _load_bench()
+    start = time.perf_counter()
+    peak = bench.matmul_peak("cpu", dtype, n=2048, budget_s=0.5)
+    assert peak > 0 and time.perf_counter() - start < 5 * 0.5
+
+
+def test_gpu_check_parses_and_dry_runs_without_cuda(tmp_path):
+    """scripts/gpu_check.sh is valid bash; without a CUDA device it lists what it would run, writes nothing, exits 0."""
+    script = REPO / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    env = dict(subprocess_env(), CUDA_VISIBLE_DEVICES="", OUT=str(tmp_path / "out"))
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=SUBPROCESS_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA device here" in proc.stdout
+    for command in ("-m gpu", "--shape minimind2-small", "--shape minimind2 ", "gpu_check.md"):
+        assert command in proc.stdout, command
+    assert not (tmp_path / "out").exists()

@@ -84,6 +84,7 @@ def train_in_process(config: Path, *extra: str) -> dict:
 
 
 def launch_cmd(*args: str, config_file: str | None = None) -> list[str]:
+    """`accelerate launch` with a config of configs/accelerate (launch options first among `args`, then the script)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if config_file:
         cmd += ["--config_file", str(ACCEL / config_file)]
@@ -194,6 +195,30 @@ def test_cpu_ddp_matches_single_process(assets, reference, tmp_path):
           f"({time.time() - t:.0f} s)")
     assert loss_diff <= 1e-5 and weight_diff <= 1e-5
     assert ddp_losses[1] != ddp_losses[8]  # it trained
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+def test_deepspeed_on_two_cpu_processes_matches_single_process(assets, reference, tmp_path, engine):
+    """DeepSpeed ZeRO-2 and ZeRO-3 run on CPU (gloo) with these versions: 2 processes x 2 pairs train as 1 x 4."""
+    pytest.importorskip("deepspeed")
+    import torch
+
+    config = write_config(tmp_path / "ds.yaml", assets, tmp_path / "ds", per_device_train_batch_size=2,
+                          save_steps=8)
+    proc = subprocess.run(launch_cmd("--num_processes", "2", "--mixed_precision", "no", str(TRAIN_PY), "--config",
+                                     str(config), config_file=engine),
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    losses = step_losses(tmp_path / "ds" / "checkpoint-8")
+    loss_diff = max(abs(losses[s] - reference["losses"][s]) for s in reference["losses"])
+    saved = weights(tmp_path / "ds")
+    # ZeRO-2's save keeps the tied LM head under its own name too (the same tensor as the embedding)
+    if "lm_head.weight" in saved and "lm_head.weight" not in reference["weights"]:
+        assert torch.equal(saved.pop("lm_head.weight"), saved["model.embed_tokens.weight"])
+    weight_diff = max_abs_diff(saved, reference["weights"])
+    print(f"\n{engine} 2 CPU processes vs 1: max |loss diff| {loss_diff:.2e}, max |weight diff| {weight_diff:.2e}")
+    assert sorted(losses) == list(range(1, 9)) and loss_diff <= 1e-5 and weight_diff <= 1e-5
 
 
 # -------------------------------------------------------------------------------------------------------------
