@@ -198,6 +198,32 @@ def test_cpu_ddp_matches_single_process(assets, reference, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_machines_simulated_on_one_match_single_process(assets, reference, tmp_path):
+    """What multi_node.yaml describes, on one host: two `accelerate launch` invocations, --machine_rank 0 and 1,
+    --num_machines 2, main_process_ip 127.0.0.1, one process each; together they train as 1 process x 4 pairs."""
+    import socket
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = write_config(tmp_path / "nodes.yaml", assets, tmp_path / "nodes", per_device_train_batch_size=2,
+                          save_steps=8)
+    machines = [subprocess.Popen(launch_cmd("--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2",
+                                            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+                                            str(TRAIN_PY), "--config", str(config), config_file="cpu_ddp.yaml"),
+                                 cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for rank in (0, 1)]
+    outputs = [m.communicate(timeout=SUBPROCESS_TIMEOUT)[0] for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert outputs[0].count("[minidpo] dataset ") == 1 and "[minidpo] dataset " not in outputs[1]  # global rank 0
+    losses = step_losses(tmp_path / "nodes" / "checkpoint-8")
+    loss_diff = max(abs(losses[s] - reference["losses"][s]) for s in reference["losses"])
+    weight_diff = max_abs_diff(weights(tmp_path / "nodes"), reference["weights"])
+    print(f"\n2 machines x 1 process vs 1 process: max |loss diff| {loss_diff:.2e}, max |weight diff| {weight_diff:.2e}")
+    assert loss_diff <= 1e-5 and weight_diff <= 1e-5
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
 def test_deepspeed_on_two_cpu_processes_matches_single_process(assets, reference, tmp_path, engine):
     """DeepSpeed ZeRO-2 and ZeRO-3 run on CPU (gloo) with these versions: 2 processes x 2 pairs train as 1 x 4."""
