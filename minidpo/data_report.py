@@ -15,10 +15,10 @@ from minidpo import loading
 from minidpo.convert import LengthStats
 from minidpo.errors import UserError
 from minidpo.files import write_text_atomic
-from minidpo.masking import MASK_MODES, check_tokenizer, encode_pair, is_scorable, render
+from minidpo.masking import (DEFAULT_MAX_LENGTH, MASK_MODES, check_tokenizer, encode_pair, is_scorable,
+                             render)
 from minidpo.plotting import figure, save
 
-DEFAULT_MAX_LENGTH = 1024  # TRL's DPOConfig default
 _LONGEST = 10
 
 
@@ -36,7 +36,7 @@ def _load_for_report(path: Path, tokenizer) -> tuple[str, dict, list, dict]:
     fmt = loading.detect_format(path)
     splits, rejects = {}, []
     for split in ("train", "eval"):
-        records, bad = loading.load_trl_records(path, split, tokenizer)
+        records, bad = loading.load_trl_records(path, split, tokenizer, fmt)
         if records:
             splits[split] = records
         rejects += bad

@@ -26,11 +26,10 @@ from pathlib import Path
 from minidpo import loading
 from minidpo.errors import UserError
 from minidpo.files import write_text_atomic
-from minidpo.masking import encode_pair, is_scorable
+from minidpo.masking import DEFAULT_MAX_LENGTH, encode_pair, is_scorable
 from minidpo.models import check_vocab, ensure_pad_token, load_causal_lm, load_tokenizer
 
 DEFAULT_BETA = 0.1  # MiniMind's and TRL's
-DEFAULT_MAX_LENGTH = 1024  # TRL's DPOConfig default, when the run did not record one
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -93,9 +92,10 @@ def load_pairs(path: str, tokenizer, limit: int | None) -> list[dict]:
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"--data {str(p)!r} does not exist", code="missing_path")
-    records, rejects = loading.load_trl_records(p, "eval", tokenizer)
+    fmt = loading.detect_format(p)
+    records, rejects = loading.load_trl_records(p, "eval", tokenizer, fmt)
     if not records:
-        records, rejects = loading.load_trl_records(p, "train", tokenizer)
+        records, rejects = loading.load_trl_records(p, "train", tokenizer, fmt)
     if rejects:
         print(f"[minidpo eval] {len(rejects)} lines of {p} rejected (run `minidpo convert` to see why)")
     if not records:

@@ -41,13 +41,14 @@ def detect_format(path) -> str:
     return "mixed" if len(seen) == 2 else seen.pop()
 
 
-def load_trl_records(path, split: str = "train", tokenizer=None):
+def load_trl_records(path, split: str = "train", tokenizer=None, fmt: str | None = None):
     """Read any supported input into memory as clean TRL records: `(records, rejects)`.
 
     `rejects` are dicts like rejects.jsonl lines. A convert directory gives its `split` ("train" or "eval",
-    the latter empty when it was written without --eval-fraction); a single file is all "train".
+    the latter empty when it was written without --eval-fraction); a single file is all "train". `fmt` is
+    `detect_format(path)` when the caller has it already.
     """
-    fmt = detect_format(path)
+    fmt = fmt or detect_format(path)
     path = Path(path)
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from minidpo.errors import RecordError, UserError
 
 MASK_MODES = ("minimind", "last-turn")
+DEFAULT_MAX_LENGTH = 1024  # TRL's DPOConfig default, for tools that cut pairs as training will
 TRUNCATION_MODES = ("keep_start", "keep_end")
 SIDES = ("chosen", "rejected")
 

@@ -184,8 +184,8 @@ def load_pairs(script_args: ScriptArguments, tokenizer, training_args: MiniDPOCo
         raise UserError(f"dataset_name {str(path)!r} does not exist (minidpo reads local files only)",
                         code="missing_path")
     fmt = loading.detect_format(path)
-    train, rejects = loading.load_trl_records(path, script_args.dataset_train_split, tokenizer)
-    evals, eval_rejects = loading.load_trl_records(path, script_args.dataset_test_split, tokenizer)
+    train, rejects = loading.load_trl_records(path, script_args.dataset_train_split, tokenizer, fmt)
+    evals, eval_rejects = loading.load_trl_records(path, script_args.dataset_test_split, tokenizer, fmt)
     rejects += eval_rejects
     if not evals and script_args.eval_fraction > 0:
         train, evals = loading.split_records(train, script_args.eval_fraction, script_args.eval_split_seed)

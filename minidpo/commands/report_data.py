@@ -5,10 +5,9 @@ import argparse
 from minidpo.commands import new_parser
 from pathlib import Path
 
-from minidpo.masking import MASK_MODES
+from minidpo.masking import DEFAULT_MAX_LENGTH, MASK_MODES
 
 HELP = "report on a preference set: counts, lengths, length bias, truncation (report.md + plots)"
-DEFAULT_MAX_LENGTH = 1024  # TRL's DPOConfig default
 
 
 def make_parser(subparsers=None) -> argparse.ArgumentParser:
