@@ -9,10 +9,10 @@ import json
 from pathlib import Path
 
 from minidpo.errors import RecordError, UserError
-
-EVAL_PAIRS = "eval_pairs.jsonl"  # in a training output_dir: the pairs the run held out (what `minidpo eval` scores)
 from minidpo.files import check_input_file
 from minidpo.records import in_eval_split, iter_jsonl_lines, line_format, parse_line, reject_entry, special_tokens
+
+EVAL_PAIRS = "eval_pairs.jsonl"  # in a training output_dir: the pairs the run held out (what `minidpo eval` scores)
 
 
 def detect_format(path) -> str:
@@ -48,32 +48,51 @@ def load_trl_records(path, split: str = "train", tokenizer=None, fmt: str | None
     the latter empty when it was written without --eval-fraction); a single file is all "train". `fmt` is
     `detect_format(path)` when the caller has it already.
     """
-    fmt = fmt or detect_format(path)
-    path = Path(path)
+    path = split_path(path, split, fmt or detect_format(path))
+    if path is None:
+        return [], []
+    records, rejects = [], []
+    for record, reject in iter_records(path, tokenizer):
+        if record is not None:
+            records.append(record)
+        else:
+            rejects.append(reject)
+    return records, rejects
+
+
+def split_path(path, split: str, fmt: str):
+    """The file holding `split` of a dataset in format `fmt`, or None when it has no such split (a single file is
+    all "train"; a convert directory has eval.jsonl only when written with --eval-fraction)."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    path = Path(path)
     if fmt == "convert-dir":
         path = path / f"{split}.jsonl"
-        if not path.is_file():
-            return [], []
-    elif split == "eval":
-        return [], []
+        return path if path.is_file() else None
+    return path if split == "train" else None
+
+
+def iter_records(path, tokenizer=None):
+    """`(record, None)` for each line of one jsonl file that validates, `(None, reject)` for each that does not, in
+    file order; blank lines are skipped. `reject` is a rejects.jsonl entry (line number, reason, message, raw)."""
     specials = special_tokens(tokenizer)
-    records, rejects = [], []
     for n, raw in iter_jsonl_lines(path):
         if not raw.strip():
             continue
         try:
-            records.append(parse_line(raw, "auto", specials))
+            yield parse_line(raw, "auto", specials), None
         except RecordError as err:
-            rejects.append(reject_entry(n, raw, err))
-    return records, rejects
+            yield None, reject_entry(n, raw, err)
+
+
+def is_eval(record: dict, fraction: float, seed: int = 0) -> bool:
+    """Whether `--eval-fraction` holds out this record (the rule `convert` applies to its output lines)."""
+    return in_eval_split(json.dumps(record, ensure_ascii=False).encode("utf-8"), seed, fraction)
 
 
 def split_records(records: list, fraction: float, seed: int = 0) -> tuple[list, list]:
     """(train, eval) with the same rule `convert --eval-fraction` applies to its output lines."""
     train, evals = [], []
     for r in records:
-        (evals if in_eval_split(json.dumps(r, ensure_ascii=False).encode("utf-8"), seed, fraction)
-         else train).append(r)
+        (evals if is_eval(r, fraction, seed) else train).append(r)
     return train, evals

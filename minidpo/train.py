@@ -12,17 +12,18 @@ Every knob is a field of one of three dataclasses, settable in the YAML file or 
 import copy
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from trl import ModelConfig, ScriptArguments as TrlScriptArguments, TrlParser
 
-from minidpo import loading, resilience, training_report
+from minidpo import loading, prepared, resilience, training_report
 from minidpo.commands import TRAIN_HELP
 from minidpo.console import is_main_process, say
 from minidpo.errors import UserError, exit_status
-from minidpo.files import write_text_atomic
+from minidpo.files import atomic_path, write_text_atomic
 from minidpo.masking import check_tokenizer, encode_pair, is_scorable
 from minidpo.models import check_vocab, ensure_pad_token, first_line, load_causal_lm, load_tokenizer
 from minidpo.trainer import MiniDPOConfig
@@ -38,6 +39,9 @@ class ScriptArguments(TrlScriptArguments):
     eval_fraction: float = field(
         default=0.0, metadata={"help": "hold out this share of a single-file dataset for evaluation (deterministic; "
                                        "the pairs are written to output_dir/eval_pairs.jsonl)"})
+    dataset_cache_dir: str | None = field(
+        default=None, metadata={"help": "where the validated pairs are kept as Arrow files, built once per node and "
+                                        "reused by later runs on the same data (default: HF_DATASETS_CACHE/minidpo)"})
     eval_split_seed: int = field(
         default=0, metadata={"help": "seed of the eval_fraction split; 0 like `minidpo convert --seed`, so both "
                                      "hold out the same pairs"})
@@ -175,7 +179,11 @@ def prepare_tokenizer(model_args: ModelConfig, trust_remote_code: bool):
 
 
 def load_pairs(script_args: ScriptArguments, tokenizer, training_args: MiniDPOConfig):
-    """Train and eval TRL records from whatever `dataset_name` points at; rejects are reported, never dropped."""
+    """The train and eval pairs (memory-mapped `datasets.Dataset`s, eval None when there is none) of whatever
+    `dataset_name` points at, and the number of rejected lines: listed in output_dir/rejects.jsonl, never dropped.
+
+    The first process of each node validates and writes the pairs (`minidpo.prepared`); the others wait, then open
+    its files."""
     if not script_args.dataset_name:
         raise UserError("set dataset_name: a MiniMind dpo.jsonl, a TRL jsonl, or a `minidpo convert` directory",
                         code="bad_config")
@@ -183,34 +191,32 @@ def load_pairs(script_args: ScriptArguments, tokenizer, training_args: MiniDPOCo
     if not path.exists():
         raise UserError(f"dataset_name {str(path)!r} does not exist (minidpo reads local files only)",
                         code="missing_path")
-    fmt = loading.detect_format(path)
-    train, rejects = loading.load_trl_records(path, script_args.dataset_train_split, tokenizer, fmt)
-    evals, eval_rejects = loading.load_trl_records(path, script_args.dataset_test_split, tokenizer, fmt)
-    rejects += eval_rejects
-    if not evals and script_args.eval_fraction > 0:
-        train, evals = loading.split_records(train, script_args.eval_fraction, script_args.eval_split_seed)
-    say(f"dataset {path}: {fmt} format; {len(train)} train / {len(evals)} eval pairs; {len(rejects)} rejected")
-    if rejects:
+    with training_args.main_process_first(local=True, desc="preparing the pairs"):
+        data = prepared.prepare(path, tokenizer, splits=(script_args.dataset_train_split,
+                                                        script_args.dataset_test_split),
+                                eval_fraction=script_args.eval_fraction, seed=script_args.eval_split_seed,
+                                cache_root=script_args.dataset_cache_dir)
+    n_eval = len(data.eval) if data.eval is not None else 0
+    say(f"dataset {path}: {data.fmt} format; {len(data.train)} train / {n_eval} eval pairs; {data.n_rejected} "
+        f"rejected (prepared in {data.folder})")
+    if data.n_rejected:
         out = Path(training_args.output_dir)
         if is_main_process():
-            write_text_atomic(out / "rejects.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                             for r in rejects))
-        reasons = {}
-        for r in rejects:
-            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
-        say(f"rejected lines by reason: {reasons}; details in {out / 'rejects.jsonl'}")
-    if not train:
+            with atomic_path(out / "rejects.jsonl") as tmp:
+                shutil.copyfile(data.rejects_file, tmp)
+        say(f"rejected lines by reason: {data.reasons}; details in {out / 'rejects.jsonl'}")
+    if not len(data.train):
         raise UserError(f"no usable training pair in {path}", code="bad_data")
-    return train, evals, rejects
+    return data.train, data.eval, data.n_rejected
 
 
-def check_max_length(train: list, tokenizer, training_args: MiniDPOConfig, sample: int = 1000) -> None:
+def check_max_length(train, tokenizer, training_args: MiniDPOConfig, sample: int = 1000) -> None:
     """Refuse when `max_length` leaves more than half the pairs with nothing to score (the trainer would drop
     them), warn when it drops more than a tenth. Checked on an evenly spread sample of at most `sample` pairs."""
     max_length = training_args.max_length
-    if max_length is None or not train:
+    if max_length is None or not len(train):
         return
-    picked = train[:: max(1, len(train) // sample)][:sample]
+    picked = list(train.select(range(0, len(train), max(1, len(train) // sample))[:sample]))  # evenly spread
     empty = 0
     for record in picked:
         enc = encode_pair(record, tokenizer, max_length=max_length, mask_mode=training_args.mask_mode)
@@ -250,7 +256,6 @@ def main(script_args: ScriptArguments, training_args: MiniDPOConfig, model_args:
 
 
 def _train(script_args: ScriptArguments, training_args: MiniDPOConfig, model_args: ModelConfig) -> dict:
-    from datasets import Dataset
     from trl import get_peft_config
 
     from minidpo.trainer import MiniDPOTrainer
@@ -259,7 +264,7 @@ def _train(script_args: ScriptArguments, training_args: MiniDPOConfig, model_arg
     check_reporting(training_args)
     check_hub(training_args)
     tokenizer = prepare_tokenizer(model_args, training_args.trust_remote_code)
-    train, evals, rejects = load_pairs(script_args, tokenizer, training_args)
+    train, evals, n_rejected = load_pairs(script_args, tokenizer, training_args)
     check_max_length(train, tokenizer, training_args)
     model = load_model(model_args, tokenizer, training_args.trust_remote_code)
 
@@ -267,8 +272,8 @@ def _train(script_args: ScriptArguments, training_args: MiniDPOConfig, model_arg
         trainer = MiniDPOTrainer(
             model,
             args=training_args,
-            train_dataset=Dataset.from_list(train),
-            eval_dataset=Dataset.from_list(evals) if evals else None,
+            train_dataset=train,
+            eval_dataset=evals,
             processing_class=tokenizer,
             peft_config=get_peft_config(model_args),
             callbacks=training_report.callbacks(training_args) + resilience.callbacks(training_args),
@@ -277,8 +282,8 @@ def _train(script_args: ScriptArguments, training_args: MiniDPOConfig, model_arg
         # TRL validates option combinations (loss types, PEFT targets, ...) when the trainer is built; errors
         # later, during training, keep their stack trace.
         raise UserError(str(e), code="bad_config") from None
-    trainer.data_source, trainer.lines_rejected = script_args.dataset_name, len(rejects)
-    if evals and trainer.accelerator.is_main_process:
+    trainer.data_source, trainer.lines_rejected = script_args.dataset_name, n_rejected
+    if evals is not None and trainer.accelerator.is_main_process:
         # what `minidpo eval` scores by default: the pairs this run held out, never ones it trained on
         write_text_atomic(Path(training_args.output_dir) / loading.EVAL_PAIRS,
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in evals))
@@ -289,7 +294,7 @@ def _train(script_args: ScriptArguments, training_args: MiniDPOConfig, model_arg
         # Stopped by SIGTERM: a checkpoint is saved and the resume command printed. The run is not finished,
         # so no final evaluation, no model/summary in output_dir as if it were; exit 0.
         return {"preempted": True, "global_step": trainer.state.global_step, "final_eval": {}}
-    metrics = trainer.evaluate() if evals else {}
+    metrics = trainer.evaluate() if evals is not None else {}
 
     out = Path(training_args.output_dir)
     trainer.save_model(str(out))
@@ -299,7 +304,7 @@ def _train(script_args: ScriptArguments, training_args: MiniDPOConfig, model_arg
         merged = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model)).merge_and_unload()
         merged.save_pretrained(out / "merged")
         tokenizer.save_pretrained(out / "merged")
-    summary = training_report.training_summary(trainer, metrics, n_rejected=len(rejects))
+    summary = training_report.training_summary(trainer, metrics, n_rejected=n_rejected)
     if trainer.accelerator.is_main_process:
         training_report.write_summary(out, summary)
     trainer.create_model_card(model_name=out.name)  # TRL's card plus minidpo's sections, main process only

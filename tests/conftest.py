@@ -1,8 +1,23 @@
 """Fixtures shared by several test files; plain helpers live in helpers.py."""
 
+import os
+
 import pytest
 
 from helpers import write_tiny_assets
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_datasets_cache(tmp_path_factory):
+    """Prepared data (`minidpo.prepared`) and datasets' caches in a folder of this session, inherited by the
+    subprocesses tests start: no test reads what an earlier session left, none writes to the user's cache."""
+    old = os.environ.get("HF_DATASETS_CACHE")
+    os.environ["HF_DATASETS_CACHE"] = str(tmp_path_factory.mktemp("datasets-cache"))
+    yield
+    if old is None:
+        os.environ.pop("HF_DATASETS_CACHE", None)
+    else:
+        os.environ["HF_DATASETS_CACHE"] = old
 
 
 @pytest.fixture(scope="session")

@@ -308,6 +308,7 @@ def test_no_pad_token_falls_back_to_eos_and_says_so(tiny_assets, tmp_path, capsy
 
 
 def test_max_length_dropping_some_pairs_warns(tiny_assets, tmp_path, capsys):
+    from datasets import Dataset
     from transformers import AutoTokenizer
 
     from minidpo.trainer import MiniDPOConfig
@@ -316,7 +317,7 @@ def test_max_length_dropping_some_pairs_warns(tiny_assets, tmp_path, capsys):
                 "chosen": [{"role": "assistant", "content": "The moon orbits the earth."}],
                 "rejected": [{"role": "assistant", "content": "Go away."}]} for n in (0, 0, 0, 0, 0, 0, 0, 40, 40)]
     tok = AutoTokenizer.from_pretrained(tiny_assets / "base")
-    train.check_max_length(records, tok, MiniDPOConfig(output_dir=str(tmp_path), max_length=64, report_to="none"))
+    train.check_max_length(Dataset.from_list(records), tok, MiniDPOConfig(output_dir=str(tmp_path), max_length=64, report_to="none"))
     assert "WARNING: max_length=64 leaves nothing to score in 2 of 9 pairs" in capsys.readouterr().out
 
 

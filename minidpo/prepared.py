@@ -1,0 +1,172 @@
+"""Training data prepared once per node: validated pairs in Arrow files that every process memory-maps.
+
+Parsing and validating a large dpo.jsonl into Python lists in each process would cost each process the time and
+a full copy of the data. Instead the first process of each node (`main_process_first(local=True)` in train.py)
+streams the input into `train.arrow` / `eval.arrow`, plus its rejects and counts, in a folder of the cache named
+by everything the result depends on; the other processes, and later runs on the same data, open those files.
+Pages of a memory-mapped file are shared between processes and count once in the node's memory. The trainer's
+encoding (`MiniDPOTrainer._prepare_dataset`) then caches its token ids in the same folder, also once per node.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from minidpo import loading
+from minidpo.records import special_tokens
+
+# Part of every cache key: change it whenever what is written changes (validation, schema, split rule), so
+# folders written before are not read.
+_VERSION = "minidpo.prepared/1"
+_BATCH = 1000  # records per Arrow record batch: bounded memory while writing, few batches when reading
+
+
+def _message_list():
+    from datasets import List, Value
+
+    return List({"role": Value("string"), "content": Value("string")})
+
+
+def features():
+    """The Arrow schema of a prepared pair: TRL's conversational prompt/chosen/rejected (validated messages carry
+    exactly `role` and `content`)."""
+    from datasets import Features
+
+    return Features({"prompt": _message_list(), "chosen": _message_list(), "rejected": _message_list()})
+
+
+@dataclass
+class PreparedData:
+    """The prepared splits (`eval` None when there is none), where they live, and what was rejected on the way."""
+
+    train: object  # datasets.Dataset, memory-mapped
+    eval: object
+    folder: Path
+    fmt: str
+    n_rejected: int
+    reasons: dict
+
+    @property
+    def rejects_file(self) -> Path:
+        return self.folder / "rejects.jsonl"
+
+
+def default_cache_root() -> Path:
+    """HF_DATASETS_CACHE (read now, so a changed environment counts)/minidpo: where datasets keeps its own caches."""
+    from datasets import config
+
+    return Path(os.environ.get("HF_DATASETS_CACHE") or config.HF_DATASETS_CACHE).expanduser() / "minidpo"
+
+
+def cache_key(path, fmt: str, tokenizer, splits: tuple, eval_fraction: float, seed: int) -> str:
+    """A name for what `prepare` writes: the input files (resolved path, size, modification time), their format,
+    the strings rejected inside contents (they depend on the tokenizer), the splits read and the eval split."""
+    path = Path(path).resolve()
+    files = [path / s for s in ("train.jsonl", "eval.jsonl")] if fmt == "convert-dir" else [path]
+    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    blob = json.dumps([_VERSION, stats, fmt, special_tokens(tokenizer), list(splits), eval_fraction, seed])
+    return hashlib.blake2b(blob.encode("utf-8"), digest_size=12).hexdigest()
+
+
+def prepare(path, tokenizer, *, splits: tuple = ("train", "eval"), eval_fraction: float = 0.0, seed: int = 0,
+            cache_root=None, fmt: str | None = None) -> PreparedData:
+    """The prepared data of `path` (any input `minidpo.loading` reads), built now unless the cache has it.
+
+    `splits` names the (train, eval) splits of a convert directory to read (`loading.split_path`).
+    Without an eval split of its own (a single file, or a convert directory written without --eval-fraction), a
+    share `eval_fraction` of the pairs is held out with `convert --eval-fraction`'s rule. Call it in the first
+    process of a node before the others (they find the folder it wrote). Concurrent builders (nodes sharing a
+    cache folder) each write a temporary folder; the first renamed into place is kept.
+    """
+    fmt = fmt or loading.detect_format(path)
+    root = Path(cache_root).expanduser() if cache_root else default_cache_root()
+    folder = root / cache_key(path, fmt, tokenizer, splits, eval_fraction, seed)
+    if not (folder / "counts.json").is_file():
+        _build(path, fmt, tokenizer, splits, eval_fraction, seed, folder)
+    return _open(folder)
+
+
+def _build(path, fmt: str, tokenizer, splits: tuple, eval_fraction: float, seed: int, folder: Path) -> None:
+    tmp = folder.with_name(f".{folder.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        train_file, eval_file = (loading.split_path(path, split, fmt) for split in splits)
+        split_train = eval_file is None and eval_fraction > 0
+        reasons: dict[str, int] = {}
+        with open(tmp / "rejects.jsonl", "w", encoding="utf-8") as rejects, \
+                _Writer(tmp / "train.arrow") as train, _Writer(tmp / "eval.arrow") as evals:
+            for source, split in ((train_file, "train"), (eval_file, "eval")):
+                if source is None:
+                    continue
+                for record, reject in loading.iter_records(source, tokenizer):
+                    if reject is not None:
+                        if fmt == "convert-dir":
+                            reject["file"] = source.name  # which of the directory's files the line number is in
+                        rejects.write(json.dumps(reject, ensure_ascii=False) + "\n")
+                        reasons[reject["reason"]] = reasons.get(reject["reason"], 0) + 1
+                    elif split == "eval" or (split_train and loading.is_eval(record, eval_fraction, seed)):
+                        evals.add(record)
+                    else:
+                        train.add(record)
+        counts = {"format": fmt, "source": str(Path(path).resolve()), "train": train.rows, "eval": evals.rows,
+                  "rejected": sum(reasons.values()), "reasons": reasons}
+        # written last: a folder with counts.json is complete
+        (tmp / "counts.json").write_text(json.dumps(counts, indent=1) + "\n", encoding="utf-8")
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not (folder / "counts.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _open(folder: Path) -> PreparedData:
+    from datasets import Dataset
+
+    counts = json.loads((folder / "counts.json").read_text(encoding="utf-8"))
+    train = Dataset.from_file(str(folder / "train.arrow"))
+    evals = Dataset.from_file(str(folder / "eval.arrow")) if counts["eval"] else None
+    return PreparedData(train=train, eval=evals, folder=folder, fmt=counts["format"],
+                        n_rejected=counts["rejected"], reasons=counts["reasons"])
+
+
+class _Writer:
+    """Records appended to one Arrow stream file (the format `datasets.Dataset.from_file` maps), a batch at a time."""
+
+    def __init__(self, path: Path):
+        self.path, self.rows, self._batch = path, 0, []
+
+    def __enter__(self):
+        import pyarrow as pa
+
+        self._schema = features().arrow_schema
+        self._sink = pa.OSFile(str(self.path), "wb")
+        self._stream = pa.ipc.new_stream(self._sink, self._schema)
+        return self
+
+    def add(self, record: dict) -> None:
+        self._batch.append(record)
+        if len(self._batch) >= _BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self._batch:
+            self._stream.write_batch(pa.RecordBatch.from_pylist(self._batch, schema=self._schema))
+            self.rows += len(self._batch)
+            self._batch = []
+
+    def __exit__(self, exc_type, *exc):
+        try:
+            if exc_type is None:
+                self._flush()
+            self._stream.close()
+        finally:
+            self._sink.close()

@@ -1,0 +1,155 @@
+"""minidpo.prepared: the pairs written once to Arrow files, memory-mapped by every reader, identical to what
+`minidpo.loading` reads; every line converted or rejected; a folder reused only for the same input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO, bad_input_lines, read_jsonl, subprocess_env, write_input
+from minidpo import prepared
+from minidpo.convert import convert_file
+from minidpo.loading import load_trl_records, split_records
+
+
+@pytest.fixture
+def source(tmp_path):
+    """A MiniMind dpo.jsonl with one line of every bad kind (BOM, CRLF, blank lines) and 7 good pairs."""
+    path = tmp_path / "dpo.jsonl"
+    write_input(path, bad_input_lines())
+    return path
+
+
+def test_prepared_pairs_are_the_loaded_pairs_memory_mapped(source, tmp_path):
+    records, rejects = load_trl_records(source)
+    data = prepared.prepare(source, None, cache_root=tmp_path / "cache")
+
+    assert list(data.train) == records and data.eval is None
+    assert [f["filename"] for f in data.train.cache_files] == [str(data.folder / "train.arrow")]
+    assert data.train._data.__class__.__name__ == "MemoryMappedTable"
+    # every non-blank line is a pair or a reject, with its line number and reason
+    n_lines = sum(reason != "blank" for _, reason in bad_input_lines())
+    assert len(data.train) + data.n_rejected == n_lines
+    assert read_jsonl(data.rejects_file) == rejects
+    assert data.reasons == {r: sum(x["reason"] == r for x in rejects) for r in {x["reason"] for x in rejects}}
+    assert data.fmt == "minimind"
+
+
+def test_eval_fraction_holds_out_what_convert_holds_out(source, tmp_path):
+    records, _ = load_trl_records(source)
+    for seed in (0, 1):
+        data = prepared.prepare(source, None, eval_fraction=0.5, seed=seed, cache_root=tmp_path / "cache")
+        train, evals = split_records(records, 0.5, seed)
+        assert list(data.train) == train and list(data.eval) == evals and train and evals
+
+
+def test_a_convert_directory_keeps_its_splits_and_names_the_file_of_a_reject(source, tmp_path):
+    convert_file(source, tmp_path / "conv", eval_fraction=0.5, seed=1, progress=False)
+    with open(tmp_path / "conv" / "eval.jsonl", "ab") as f:
+        f.write(b'{"chosen": [\n')
+    data = prepared.prepare(tmp_path / "conv", None, cache_root=tmp_path / "cache")
+    assert list(data.train) == read_jsonl(tmp_path / "conv" / "train.jsonl")
+    evals, _ = load_trl_records(tmp_path / "conv", "eval")
+    assert list(data.eval) == evals
+    [reject] = read_jsonl(data.rejects_file)
+    assert (reject["file"], reject["reason"], reject["line"]) == ("eval.jsonl", "invalid_json", len(evals) + 1)
+
+
+def test_a_folder_is_reused_for_the_same_input_only(source, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    first = prepared.prepare(source, None, cache_root=cache)
+    built = []
+    monkeypatch.setattr(prepared, "_build", lambda *a: built.append(a) or pytest.fail("rebuilt"))
+    again = prepared.prepare(source, None, cache_root=cache)
+    assert again.folder == first.folder and list(again.train) == list(first.train) and not built
+    monkeypatch.undo()
+
+    # a tokenizer that forbids no other strings in contents: the same folder
+    from minidpo.embedded import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    assert prepared.prepare(source, tokenizer, cache_root=cache).folder == first.folder
+    # a changed file, another split rule or a tokenizer with one more special token: another folder
+    other = {prepared.prepare(source, None, eval_fraction=0.5, cache_root=cache).folder}
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<think>"]})
+    other.add(prepared.prepare(source, tokenizer, cache_root=cache).folder)
+    with open(source, "ab") as f:
+        f.write(b"\n")
+    other.add(prepared.prepare(source, None, cache_root=cache).folder)
+    assert first.folder not in other and len(other) == 3
+    assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".")) == []  # no temporary folder left
+
+
+def test_an_interrupted_build_leaves_nothing_a_reader_would_take(source, tmp_path, monkeypatch):
+    """A build that fails half-way leaves no folder with counts.json; the next call builds it whole."""
+    cache = tmp_path / "cache"
+    real = prepared.loading.iter_records
+
+    def failing(path, tokenizer=None):
+        for i, item in enumerate(real(path, tokenizer)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(prepared.loading, "iter_records", failing)
+    with pytest.raises(KeyboardInterrupt):
+        prepared.prepare(source, None, cache_root=cache)
+    assert not cache.exists() or list(cache.iterdir()) == []
+    monkeypatch.undo()
+    assert list(prepared.prepare(source, None, cache_root=cache).train) == load_trl_records(source)[0]
+
+
+def test_a_second_builder_of_the_same_folder_keeps_the_first(source, tmp_path):
+    """Nodes sharing a cache folder may build at once: the first complete folder renamed into place wins, the other
+    builder's copy is dropped and it reads the winner."""
+    cache = tmp_path / "cache"
+    first = prepared.prepare(source, None, cache_root=cache)
+    marker = first.folder / "train.arrow"
+    stamp = marker.stat().st_mtime_ns
+    prepared._build(source, "minimind", None, ("train", "eval"), 0.0, 0, first.folder)  # a late, concurrent builder
+    assert marker.stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in cache.iterdir()) == [first.folder.name]
+
+
+WORKER = """
+import json, sys
+from accelerate import PartialState
+from minidpo import train
+built, loaded = [], []
+real_build, real_load = train.prepared._build, train.load_pairs
+train.prepared._build = lambda *a: built.append(PartialState().process_index) or real_build(*a)
+train.load_pairs = lambda *a: loaded.append(real_load(*a)) or loaded[-1]
+train.main(*train.parse(sys.argv[1:]))
+data = loaded[0][0]
+print("RESULT", json.dumps({"rank": PartialState().process_index, "built": built, "n": len(data),
+                            "mapped": data._data.__class__.__name__}), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_prepare_and_encode_once(tiny_assets, tmp_path):
+    """Under `accelerate launch` with 2 processes, the first process of the node builds the folder and encodes the
+    pairs; the other opens both: one build, the same memory-mapped pairs on both ranks, one set of encoded files."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = subprocess_env(tmp_path, threads=1)
+    env["HF_DATASETS_CACHE"] = str(tmp_path / "cache")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "configs" / "accelerate" / "cpu_ddp.yaml"), str(script),
+           "--model_name_or_path", str(tiny_assets / "base"), "--dataset_name", str(tiny_assets / "dpo.jsonl"),
+           "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--max_steps", "1",
+           "--per_device_train_batch_size", "2", "--save_strategy", "no"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = sorted((json.loads(x.split("RESULT ", 1)[1]) for x in proc.stdout.splitlines() if "RESULT " in x),
+                     key=lambda r: r["rank"])
+    assert [r["rank"] for r in results] == [0, 1]
+    assert [r["built"] for r in results] == [[0], []]
+    assert results[0]["n"] == results[1]["n"] == 160
+    assert {r["mapped"] for r in results} == {"MemoryMappedTable"}
+    [folder] = (tmp_path / "cache" / "minidpo").iterdir()
+    # the trainer's encoding map and its filter each wrote one cache file: rank 1 found rank 0's (a rank that
+    # fingerprinted the work differently would have written its own)
+    assert len(list(folder.glob("cache-*.arrow"))) == 2
