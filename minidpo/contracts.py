@@ -69,6 +69,13 @@ PRIVATE_MEMBERS = (
            "a tied LM head is not reported as a missing key on resume"),
     Member("transformers:Trainer", "push_to_hub", "calls", ("create_model_card",),
            "the pushed model card is minidpo's (create_model_card override), not TRL's alone"),
+    Member("transformers:Trainer", "_prepare_for_training", "method",
+           ("max_steps", "train_dataloader", "resume_from_checkpoint"),
+           "the FSDP sharding check reads the model this prepares (and returns with the dataloader)"),
+    Member("transformers:Trainer", "_save", "method", ("output_dir", "state_dict"),
+           "under FSDP the gathered state dict is written without a second copy of the tied LM head"),
+    Member("transformers:Trainer", "save_model", "calls", ("get_state_dict", "_save"),
+           "under FSDP, Trainer gathers the full state dict and hands it to _save"),
     # TRL utilities
     Member("trl.trainer.utils", "add_fused_lm_head", "function", ("model", "outputs"),
            "`model(..., labels=, fused_lm_head=True)` gives per-token log-probs without full logits"),

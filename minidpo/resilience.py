@@ -40,6 +40,9 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safete
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # Trainer's own training state, beside plain (not engine-sharded) weights
 _STATE_FILES = ("optimizer.pt", "scheduler.pt")
+# Under FSDP with FULL_STATE_DICT, Accelerate saves the model it resumes from and the optimizer as one file each,
+# beside the safetensors weights Trainer writes for people
+_FSDP_FULL_STATE_FILES = ("pytorch_model_fsdp.bin", "optimizer.bin", "scheduler.pt")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -95,7 +98,8 @@ def checkpoint_problem(path) -> str | None:
     """Why `path` is not a complete Trainer checkpoint (one training can resume from exactly), or None when it is.
 
     Complete means every file Trainer writes for it is there and readable: the trainer state (written last), the
-    model weights, and, unless an engine keeps its own, the optimizer, the scheduler and the RNG states.
+    model weights, and, unless an engine keeps its own, the optimizer, the scheduler and the RNG states (under FSDP
+    with FULL_STATE_DICT, Accelerate's model and optimizer files).
     """
     path = Path(path)
     if not path.is_dir():
@@ -111,7 +115,8 @@ def checkpoint_problem(path) -> str | None:
     problem, engine = _weights_problem(path)
     if problem or engine:
         return problem
-    for name in _STATE_FILES:
+    fsdp = any((path / name).is_file() for name in _FSDP_FULL_STATE_FILES[:2])
+    for name in _FSDP_FULL_STATE_FILES if fsdp else _STATE_FILES:
         if not (path / name).is_file():
             return f"no {name} (resuming would restart it from scratch)"
         if not _torch_file_complete(path / name):

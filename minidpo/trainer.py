@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate.utils import gather_object, is_peft_model
+from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, gather_object, is_peft_model
 from datasets import Dataset, IterableDataset
 from datasets.fingerprint import Hasher
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -42,6 +44,8 @@ from trl.data_utils import extract_prompt
 from trl.models import prepare_deepspeed
 
 from minidpo import ref_cache, training_report
+from minidpo.console import say
+from minidpo.errors import UserError
 from minidpo.masking import MASK_MODES, TRUNCATION_MODES, encode_pair, is_scorable
 from minidpo.models import ensure_pad_token, load_tokenizer
 from minidpo.pairs import PAIR_COLUMNS, REF_COLUMNS, PairCollator, pair_lengths
@@ -233,6 +237,34 @@ class MiniDPOTrainer(DPOTrainer):
                          processing_class=processing_class, **kwargs)
         # After TRL added its fused LM head (and before any precompute ran, see _precompute_ref_logps).
         self._install_pair_forward()
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if _fsdp_version_asked() == 2 and state.distributed_type == DistributedType.MULTI_CPU:
+            # Accelerate 1.15 honours the launcher's FSDP only on accelerator devices (AcceleratorState lists
+            # MULTI_GPU, MULTI_XPU, ..., not MULTI_CPU) and otherwise trains with DDP, unsharded, without a word.
+            # FSDP2's fully_shard runs on CPU over gloo: put back the plugin the launcher configured (FSDP_* env).
+            # PartialState too, as Accelerate's own FSDP setup does: every later AcceleratorState() (one per
+            # AcceleratedOptimizer) copies PartialState's type over, and MULTI_CPU there made get_state_dict hand
+            # rank 0 the shards, whose tied-weight check in save_pretrained is a collective no other rank joins.
+            state.fsdp_plugin = FullyShardedDataParallelPlugin()
+            state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+            self.is_fsdp_enabled = True
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        if _fsdp_version_asked():
+            check_sharded(self.model, _fsdp_version_asked(), self.accelerator.num_processes)
+        return model, train_dataloader
+
+    def _save(self, output_dir=None, state_dict=None):
+        if state_dict and self.is_fsdp_enabled:
+            # FSDP gathers a tied LM head as a copy of its own, which Transformers (it finds ties by shared storage)
+            # would write as a second tensor: drop it, so the folder is the one a single process saves.
+            tied = _tied_duplicates(self.accelerator.unwrap_model(self.model))
+            state_dict = {k: v for k, v in state_dict.items() if k not in tied}
+        super()._save(output_dir, state_dict=state_dict)
 
     def _install_pair_forward(self):
         if getattr(self, "_pair_forward_installed", False):
@@ -451,6 +483,33 @@ class MiniMindOrder(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.n if self.world == 1 else -(-self.n // self.world) * self.world
+
+
+def _fsdp_version_asked() -> int | None:
+    """The FSDP version `accelerate launch` was configured with (distributed_type: FSDP), None without FSDP."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    return int(os.environ.get("FSDP_VERSION", "1"))
+
+
+def check_sharded(model, fsdp_version: int, world: int) -> None:
+    """Say how many of the prepared model's parameter tensors FSDP shards; `UserError` when it shards none, so a run
+    asked to shard never trains unsharded (each process holding the whole model) without a word."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    if isinstance(model, FullyShardedDataParallel):  # FSDP1 (GPUs): flat parameters, each one process's shard
+        sharded = len(params)
+    else:  # FSDP2 (fully_shard) holds each parameter as a DTensor sharded over the processes
+        sharded = sum(isinstance(p, DTensor) for p in params)
+    if sharded == 0:
+        raise UserError(f"the accelerate config asks for FSDP (fsdp_version {fsdp_version}) but none of the model's "
+                        f"{len(params)} parameter tensors is sharded: every process would hold and train the whole "
+                        "model. On CPU minidpo shards with fsdp_version: 2 only (configs/accelerate/cpu_fsdp2.yaml)",
+                        code="bad_config")
+    say(f"FSDP{fsdp_version}: {sharded} of {len(params)} parameter tensors sharded over {world} "
+        f"process{'es' if world > 1 else ''}")
 
 
 def _tied_duplicates(model) -> set[str]:

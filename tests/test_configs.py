@@ -119,6 +119,7 @@ EXPECTED = {
     "single_gpu.yaml": "NO", "multi_gpu.yaml": "MULTI_GPU",
     "deepspeed_zero2.yaml": "DEEPSPEED", "deepspeed_zero3.yaml": "DEEPSPEED", "fsdp2.yaml": "FSDP",
     "multi_node.yaml": "MULTI_GPU",
+    "cpu_fsdp2.yaml": "FSDP",  # the torchrun launcher; MiniDPOTrainer makes Accelerate shard on CPU (see the file)
 }
 
 
@@ -160,10 +161,13 @@ def test_accelerate_config_loads_and_validates(name):
         if stage == 3:
             assert cfg.deepspeed_config["zero3_init_flag"] is True
             assert cfg.deepspeed_config["zero3_save_16bit_model"] is True
-    elif name == "fsdp2.yaml":
+    elif name in ("fsdp2.yaml", "cpu_fsdp2.yaml"):
         assert args.use_fsdp
         assert int(cfg.fsdp_config["fsdp_version"]) == 2
         assert cfg.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        assert cfg.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+        if name == "cpu_fsdp2.yaml":
+            assert cfg.use_cpu and cfg.num_processes == 2 and cfg.mixed_precision == "no"
     elif name == "multi_node.yaml":
         assert cfg.num_machines > 1 and cfg.main_process_ip and cfg.main_process_port
         text = path.read_text()

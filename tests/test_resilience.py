@@ -126,6 +126,30 @@ def test_a_checkpoint_missing_training_state_is_skipped_or_refused(tmp_path, cap
         resolve_resume(_args(tmp_path, str(damaged)))
 
 
+def _fake_fsdp_checkpoint(folder: Path, step: int) -> Path:
+    """What Trainer writes under FSDP with FULL_STATE_DICT: Accelerate's model and optimizer files, no optimizer.pt."""
+    import torch
+
+    ckpt = _fake_checkpoint(folder, step)
+    (ckpt / "optimizer.pt").unlink()
+    for name in ("pytorch_model_fsdp.bin", "optimizer.bin"):
+        torch.save({"state": torch.zeros(16)}, ckpt / name)
+    return ckpt
+
+
+@pytest.mark.parametrize("damage,problem", [
+    (lambda c: None, None),
+    (lambda c: (c / "pytorch_model_fsdp.bin").unlink(), "no pytorch_model_fsdp.bin"),
+    (lambda c: (c / "optimizer.bin").write_bytes((c / "optimizer.bin").read_bytes()[:-40]),
+     "optimizer.bin is truncated"),
+], ids=["complete", "no-fsdp-model", "truncated-optimizer"])
+def test_an_fsdp_checkpoint_is_complete_with_accelerates_files(tmp_path, damage, problem):
+    ckpt = _fake_fsdp_checkpoint(tmp_path, 2)
+    damage(ckpt)
+    found = checkpoint_problem(ckpt)
+    assert found is None if problem is None else problem in found
+
+
 def test_output_dir_lock(tmp_path, capsys):
     """One run per output_dir: a live holder stops the second run with one line naming it; a dead holder's lock is
     taken over; another host's lock cannot be checked and stops the run; the lock goes with the run."""

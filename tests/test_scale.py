@@ -1,9 +1,10 @@
 """Scaling out and surviving faults, end to end: DDP == one process, exact resume after SIGKILL, preemption by
-SIGTERM, determinism, reference log-probs precomputed once across processes.
+SIGTERM, determinism, reference log-probs precomputed once across processes, FSDP2 sharded on CPU == one process.
 
 Everything runs on CPU with the embedded tiny Llama. The multi-process tests launch `accelerate launch
---config_file configs/accelerate/cpu_ddp.yaml` (2 processes, gloo). This file is also the worker script of the
-precompute test (`accelerate launch ... tests/test_scale.py precompute-worker ...`).
+--config_file configs/accelerate/cpu_ddp.yaml` (2 processes, gloo), or cpu_fsdp2.yaml, or the DeepSpeed files.
+This file is also the worker script of the precompute test (`accelerate launch ... tests/test_scale.py
+precompute-worker ...`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -425,6 +427,121 @@ def test_sigterm_saves_checkpoint_exits_0_and_resumes(assets, reference, tmp_pat
     summary = train_in_process(config, "--resume_from_checkpoint", "true")
     assert summary["global_step"] == 8
     assert bitwise_equal(weights(tmp_path / "run"), reference["weights"])
+
+
+# -------------------------------------------------------------------------------------------------------------
+# 7. FSDP2 on 2 CPU processes (cpu_fsdp2.yaml): really sharded, trains as 1 process, saves, resumes, LoRA too
+
+FSDP2_SHARDED = re.compile(r"\[minidpo\] FSDP2: (\d+) of (\d+) parameter tensors sharded over 2 processes")
+LORA = {"use_peft": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+        "lora_target_modules": ["q_proj", "v_proj"]}
+
+
+def _launch_fsdp2(config: Path, *train_args: str) -> subprocess.CompletedProcess:
+    cmd = launch_cmd(str(TRAIN_PY), "--config", str(config), *train_args, config_file="cpu_fsdp2.yaml")
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes `pid` started, theirs, and so on (Linux /proc). torchrun starts each worker in a session of
+    its own, out of reach of a killpg of the launcher."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:  # the thread or process has just ended
+            pass
+    return children + [d for c in children for d in _descendants(c)]
+
+
+def _all_sharded(stdout: str) -> bool:
+    """The run said, once, that FSDP2 sharded every parameter tensor."""
+    found = FSDP2_SHARDED.findall(stdout)
+    return len(found) == 1 and found[0][0] == found[0][1]
+
+
+def test_fsdp_asked_but_unsharded_model_stops_with_one_line():
+    from minidpo.embedded import build_tiny_model, build_tokenizer
+    from minidpo.errors import UserError
+    from minidpo.trainer import check_sharded
+
+    model = build_tiny_model(build_tokenizer(), num_layers=1)  # plain parameters, as DDP or one process holds them
+    with pytest.raises(UserError) as e:
+        check_sharded(model, fsdp_version=2, world=2)
+    n = len(list(model.parameters()))
+    assert e.value.code == "bad_config" and "\n" not in e.value.message
+    assert f"none of the model's {n} parameter tensors is sharded" in e.value.message
+
+
+@pytest.mark.slow
+def test_cpu_fsdp2_shards_and_matches_single_process(assets, reference, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    # 2 processes x 2 pairs against the reference's 1 x 4: the same global batches, as in the DDP test
+    config = write_config(tmp_path / "fsdp.yaml", assets, tmp_path / "fsdp", per_device_train_batch_size=2,
+                          save_steps=8)
+    t = time.time()
+    proc = _launch_fsdp2(config)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert _all_sharded(proc.stdout), proc.stdout[-3000:]
+    losses = step_losses(tmp_path / "fsdp" / "checkpoint-8")
+    assert sorted(losses) == list(range(1, 9))
+    loss_diff = max(abs(losses[s] - reference["losses"][s]) for s in reference["losses"])
+    saved = weights(tmp_path / "fsdp")
+    weight_diff = max_abs_diff(saved, reference["weights"])  # same tensor names: the tied LM head saved once
+    print(f"\nFSDP2 (2 CPU processes) vs 1 process: max |loss diff| {loss_diff:.2e}, max |weight diff| "
+          f"{weight_diff:.2e} ({time.time() - t:.0f} s)")
+    assert loss_diff <= 1e-5 and weight_diff <= 1e-5
+    # an ordinary Transformers folder: loads anywhere, no FSDP needed
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp").state_dict()
+    assert bitwise_equal({k: loaded[k] for k in saved}, saved)
+
+
+@pytest.mark.slow
+def test_cpu_fsdp2_resume_after_sigkill(assets, reference, tmp_path):
+    from minidpo.resilience import checkpoint_problem, latest_checkpoint
+
+    config = write_config(tmp_path / "c.yaml", assets, tmp_path / "run", per_device_train_batch_size=2)
+    run = _Proc(launch_cmd(str(TRAIN_PY), "--config", str(config), config_file="cpu_fsdp2.yaml"))
+    run.wait_for(lambda: checkpoint_problem(tmp_path / "run" / "checkpoint-2") is None, what="checkpoint-2")
+    for pid in [run.p.pid, *_descendants(run.p.pid)]:  # the launcher and both workers: none can clean up
+        os.kill(pid, signal.SIGKILL)
+    assert run.finish() == -signal.SIGKILL
+    ckpt, _ = latest_checkpoint(tmp_path / "run")
+    killed_at = int(ckpt.rsplit("-", 1)[1])
+    assert killed_at < 8, "the run finished before the kill"
+
+    proc = _launch_fsdp2(config, "--resume_from_checkpoint", "true")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert _all_sharded(proc.stdout), proc.stdout[-3000:]
+    assert proc.stdout.count("{'loss'") == 8 - killed_at, "it did not start from the checkpoint"
+    losses = step_losses(tmp_path / "run" / "checkpoint-8")
+    loss_diff = max(abs(losses[s] - reference["losses"][s]) for s in reference["losses"])
+    weight_diff = max_abs_diff(weights(tmp_path / "run"), reference["weights"])
+    print(f"\nFSDP2 killed after checkpoint-{killed_at} and resumed vs 1 process uninterrupted: max |loss diff| "
+          f"{loss_diff:.2e}, max |weight diff| {weight_diff:.2e}")
+    assert loss_diff <= 1e-5 and weight_diff <= 1e-5
+
+
+@pytest.mark.slow
+def test_lora_under_cpu_fsdp2_matches_single_process(assets, tmp_path):
+    from safetensors.torch import load_file
+
+    lora = {**LORA, "max_steps": 4, "save_steps": 4}  # no LoRA dropout: each layout would draw other masks
+    train_in_process(write_config(tmp_path / "one.yaml", assets, tmp_path / "one", **lora))
+    proc = _launch_fsdp2(write_config(tmp_path / "two.yaml", assets, tmp_path / "two", per_device_train_batch_size=2,
+                                      **lora))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert _all_sharded(proc.stdout), proc.stdout[-3000:]
+    assert not (tmp_path / "two" / "model.safetensors").exists(), "the whole model saved instead of the adapter"
+    one, two = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("one", "two"))
+    assert len(two) == 8  # lora_A and lora_B of q_proj and v_proj in each of the 2 layers
+    assert max(v.abs().max().item() for k, v in two.items() if "lora_B" in k) > 0, "the adapter did not train"
+    diff = max_abs_diff(two, one)
+    losses = [step_losses(tmp_path / d / "checkpoint-4") for d in ("one", "two")]
+    loss_diff = max(abs(losses[0][s] - losses[1][s]) for s in losses[0])
+    print(f"\nLoRA under FSDP2 vs 1 process: max |adapter diff| {diff:.2e}, max |loss diff| {loss_diff:.2e}")
+    assert diff <= 1e-5 and loss_diff <= 1e-5
 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "precompute-worker":
