@@ -9,7 +9,6 @@ Every knob is a field of one of three dataclasses, settable in the YAML file or 
 `trl.ModelConfig` (model, dtype, LoRA). Read `main` top to bottom: check, load, train, evaluate, save, push.
 """
 
-import copy
 import json
 import os
 import shutil
@@ -299,10 +298,11 @@ def _train(script_args: ScriptArguments, training_args: MiniDPOConfig, model_arg
     out = Path(training_args.output_dir)
     trainer.save_model(str(out))
     if script_args.merge_adapter and model_args.use_peft and trainer.accelerator.is_main_process:
-        # merge_and_unload works in place (it strips the LoRA layers): merge a copy so the trained PEFT model,
-        # which push_to_hub saves again and callers may still use, keeps its adapter.
-        merged = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model)).merge_and_unload()
-        merged.save_pretrained(out / "merged")
+        # Merge what was just saved (base + adapter, reloaded), not the trained model: that one keeps its adapter
+        # for push_to_hub and callers (merge_and_unload works in place), and under FSDP it is sharded over the
+        # processes and cannot be copied.
+        merged = load_causal_lm(out, dtype=model_args.dtype, trust_remote_code=training_args.trust_remote_code)
+        merged.merge_and_unload().save_pretrained(out / "merged")
         tokenizer.save_pretrained(out / "merged")
     summary = training_report.training_summary(trainer, metrics, n_rejected=n_rejected)
     if trainer.accelerator.is_main_process:

@@ -530,7 +530,7 @@ def test_lora_under_cpu_fsdp2_matches_single_process(assets, tmp_path):
     lora = {**LORA, "max_steps": 4, "save_steps": 4}  # no LoRA dropout: each layout would draw other masks
     train_in_process(write_config(tmp_path / "one.yaml", assets, tmp_path / "one", **lora))
     proc = _launch_fsdp2(write_config(tmp_path / "two.yaml", assets, tmp_path / "two", per_device_train_batch_size=2,
-                                      **lora))
+                                      merge_adapter=True, **lora))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert _all_sharded(proc.stdout), proc.stdout[-3000:]
     assert not (tmp_path / "two" / "model.safetensors").exists(), "the whole model saved instead of the adapter"
@@ -542,6 +542,17 @@ def test_lora_under_cpu_fsdp2_matches_single_process(assets, tmp_path):
     loss_diff = max(abs(losses[0][s] - losses[1][s]) for s in losses[0])
     print(f"\nLoRA under FSDP2 vs 1 process: max |adapter diff| {diff:.2e}, max |loss diff| {loss_diff:.2e}")
     assert diff <= 1e-5 and loss_diff <= 1e-5
+    # merge_adapter: the saved adapter merged into the base (W + B A alpha/r), an ordinary model folder
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "merged").state_dict()
+    base = weights(assets / "model")
+    assert not any("lora" in k for k in merged)
+    for name in ("q_proj", "v_proj"):
+        key = f"model.layers.0.self_attn.{name}"
+        a, b = (two[f"base_model.model.{key}.lora_{x}.weight"] for x in "AB")
+        expected = base[f"{key}.weight"] + (b @ a) * (LORA["lora_alpha"] / LORA["lora_r"])
+        assert (merged[f"{key}.weight"] - expected).abs().max().item() <= 1e-6
 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "precompute-worker":
