@@ -15,7 +15,7 @@ PACKAGE = REPO / "minidpo"
 # Lowest first; a module may import only from its own layer or below.
 LAYERS = {
     "encoding": {"errors", "files", "console", "records", "masking", "embedded", "contracts"},
-    "library": {"loading", "convert", "models", "pairs", "scoring", "ref_cache", "plotting", "training_report",
+    "library": {"loading", "prepared", "convert", "models", "pairs", "scoring", "ref_cache", "plotting", "training_report",
                 "trainer", "resilience", "data_report", "evaluation", "minimind", "__init__"},
     "commands": {"train", "commands"},
     "cli": {"cli"},

@@ -2,7 +2,6 @@
 `minidpo.loading` reads; every line converted or rejected; a folder reused only for the same input."""
 
 import json
-import os
 import subprocess
 import sys
 

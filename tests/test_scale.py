@@ -221,7 +221,8 @@ def test_two_machines_simulated_on_one_match_single_process(assets, reference, t
     losses = step_losses(tmp_path / "nodes" / "checkpoint-8")
     loss_diff = max(abs(losses[s] - reference["losses"][s]) for s in reference["losses"])
     weight_diff = max_abs_diff(weights(tmp_path / "nodes"), reference["weights"])
-    print(f"\n2 machines x 1 process vs 1 process: max |loss diff| {loss_diff:.2e}, max |weight diff| {weight_diff:.2e}")
+    print(f"\n2 machines x 1 process vs 1 process: max |loss diff| {loss_diff:.2e}, "
+          f"max |weight diff| {weight_diff:.2e}")
     assert loss_diff <= 1e-5 and weight_diff <= 1e-5
 
 
