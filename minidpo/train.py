@@ -264,7 +264,10 @@ def _train(script_args: ScriptArguments, training_args: MiniDPOConfig, model_arg
     check_hub(training_args)
     tokenizer = prepare_tokenizer(model_args, training_args.trust_remote_code)
     train, evals, n_rejected = load_pairs(script_args, tokenizer, training_args)
-    check_max_length(train, tokenizer, training_args)
+    if is_main_process():
+        # Every process would reach the same verdict, and reading an evenly spread sample maps hundreds of MB of
+        # the memory-mapped pairs into the reader (the kernel reads ahead around each row).
+        check_max_length(train, tokenizer, training_args)
     model = load_model(model_args, tokenizer, training_args.trust_remote_code)
 
     try:

@@ -93,12 +93,12 @@ def worker(code_root: str, result: str, train_args: list[str]) -> None:
     def timed_load_pairs(*args, **kwargs):
         state.update(phase="data", rss_before_data_mb=rss_mb(), t_data_start=time.time() - t0)
         loaded = load_pairs(*args, **kwargs)
-        state.update(phase="model", t_data_loaded=time.time() - t0)
+        state.update(phase="model", t_data_loaded=time.time() - t0, rss_data_loaded_mb=rss_mb())
         return loaded
 
     class FirstStep(TrainerCallback):
         def on_step_end(self, args, trainer_state, control, **kwargs):
-            state.update(phase="first step", t_first_step=time.time() - t0)
+            state.update(phase="first step", t_first_step=time.time() - t0, rss_first_step_mb=rss_mb())
             write()
             sys.stdout.flush()
             os._exit(0)  # every rank reaches this after the same collective step; nothing else is measured
@@ -107,9 +107,9 @@ def worker(code_root: str, result: str, train_args: list[str]) -> None:
 
     class Timed(base):
         def __init__(self, *args, callbacks=None, **kwargs):
-            state["t_trainer_start"] = time.time() - t0
+            state.update(t_trainer_start=time.time() - t0, rss_trainer_start_mb=rss_mb())
             super().__init__(*args, callbacks=[*(callbacks or []), FirstStep()], **kwargs)
-            state["t_trainer_built"] = time.time() - t0
+            state.update(t_trainer_built=time.time() - t0, rss_trainer_built_mb=rss_mb())
 
     train.load_pairs = timed_load_pairs
     minidpo.trainer.MiniDPOTrainer = Timed
