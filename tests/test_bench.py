@@ -93,3 +93,26 @@ def test_gpu_check_parses_and_dry_runs_without_cuda(tmp_path):
     for command in ("-m gpu", "--shape minimind2-small", "--shape minimind2 ", "gpu_check.md"):
         assert command in proc.stdout, command
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_bench_data_measures_both_code_versions(tmp_path):
+    """scripts/bench_data.py on a tiny file: the baseline commit (a worktree) and this checkout each reach their first
+    optimizer step on 2 processes, every rank reports its times and memory, and the worktree is removed."""
+    baseline = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "scripts/bench_data.py", "--size-gb", "0.001", "--work", str(tmp_path),
+                           "--rows", "before x2,after x2", "--baseline", baseline, "--json", str(out)],
+                          cwd=REPO, env=subprocess_env(tmp_path), capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["row"], r["returncode"], sorted(x["rank"] for x in r["ranks"])) for r in rows] == \
+        [("before x2", 0, [0, 1]), ("after x2", 0, [0, 1])]
+    for rank in (x for r in rows for x in r["ranks"]):
+        assert rank["phase"] == "first step"
+        assert 0 < rank["t_data_start"] < rank["t_first_step"] and rank["peak_rss_mb"] >= rank["rss_before_data_mb"]
+    assert "rank 1's data RSS is" in proc.stdout
+    worktree = tmp_path / f"baseline-{baseline}"
+    listed = subprocess.run(["git", "worktree", "list"], cwd=REPO, capture_output=True, text=True).stdout
+    assert not worktree.exists() and str(worktree) not in listed
