@@ -27,6 +27,11 @@ def atomic_path(path):
     os.replace(tmp, path)
 
 
+def cache_root() -> Path:
+    """The folder of minidpo's caches (reference log-probs, prepared data): $MINIDPO_CACHE, else ~/.cache/minidpo."""
+    return Path(os.environ.get("MINIDPO_CACHE") or Path.home() / ".cache" / "minidpo").expanduser()
+
+
 def write_text_atomic(path, text: str) -> Path:
     """`path.write_text(text)` (UTF-8), atomically."""
     with atomic_path(path) as tmp:

@@ -2,10 +2,11 @@
 
 Parsing and validating a large dpo.jsonl into Python lists in each process would cost each process the time and
 a full copy of the data. Instead the first process of each node (`main_process_first(local=True)` in train.py)
-streams the input into `train.arrow` / `eval.arrow`, plus its rejects and counts, in a folder of the cache named
-by everything the result depends on; the other processes, and later runs on the same data, open those files.
-Pages of a memory-mapped file are shared between processes and count once in the node's memory. The trainer's
-encoding (`MiniDPOTrainer._prepare_dataset`) then caches its token ids in the same folder, also once per node.
+streams the input into `train.arrow` / `eval.arrow`, plus its rejects and counts, in a cache folder named by
+everything the result depends on (under `$MINIDPO_CACHE/prepared`, by default ~/.cache/minidpo/prepared); the
+other processes, and later runs on the same data, open those files. Pages of a memory-mapped file are shared
+between processes and count once in the node's memory. The trainer's encoding (`MiniDPOTrainer._prepare_dataset`)
+then caches its token ids in the same folder, also once per node.
 """
 
 import hashlib
@@ -16,7 +17,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from minidpo import loading
+from minidpo import files, loading
 from minidpo.records import special_tokens
 
 # Part of every cache key: change it whenever what is written changes (validation, schema, split rule), so
@@ -55,13 +56,6 @@ class PreparedData:
         return self.folder / "rejects.jsonl"
 
 
-def default_cache_root() -> Path:
-    """HF_DATASETS_CACHE (read now, so a changed environment counts)/minidpo: where datasets keeps its own caches."""
-    from datasets import config
-
-    return Path(os.environ.get("HF_DATASETS_CACHE") or config.HF_DATASETS_CACHE).expanduser() / "minidpo"
-
-
 def cache_key(path, fmt: str, tokenizer, splits: tuple, eval_fraction: float, seed: int) -> str:
     """A name for what `prepare` writes: the input files (resolved path, size, modification time), their format,
     the strings rejected inside contents (they depend on the tokenizer), the splits read and the eval split."""
@@ -83,7 +77,7 @@ def prepare(path, tokenizer, *, splits: tuple = ("train", "eval"), eval_fraction
     cache folder) each write a temporary folder; the first renamed into place is kept.
     """
     fmt = fmt or loading.detect_format(path)
-    root = Path(cache_root).expanduser() if cache_root else default_cache_root()
+    root = Path(cache_root).expanduser() if cache_root else files.cache_root() / "prepared"
     folder = root / cache_key(path, fmt, tokenizer, splits, eval_fraction, seed)
     if not (folder / "counts.json").is_file():
         _build(path, fmt, tokenizer, splits, eval_fraction, seed, folder)

@@ -11,14 +11,13 @@ Location: `ref_cache_dir`, else `$MINIDPO_CACHE`, else `~/.cache/minidpo`; one `
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from accelerate.utils import broadcast_object_list
 from datasets.fingerprint import Hasher
 
-from minidpo.files import atomic_path
+from minidpo.files import atomic_path, cache_root
 from minidpo.pairs import REF_COLUMNS, content_hash
 
 _VERSION = "minidpo.ref-logps/1"  # bump when the values for the same key would change
@@ -28,7 +27,7 @@ def cache_file(model_hash, dataset, args) -> Path:
     """Where the reference log-probs of `dataset` (encoded pairs) under training config `args` are kept."""
     key = Hasher.hash((model_hash, content_hash(dataset), args.max_length, args.mask_mode, args.length_normalize,
                        args.bf16, args.fp16, _VERSION))
-    root = Path(args.ref_cache_dir or os.environ.get("MINIDPO_CACHE") or Path.home() / ".cache" / "minidpo")
+    root = Path(args.ref_cache_dir) if args.ref_cache_dir else cache_root()
     return root / "ref-logps" / f"{key}.pt"
 
 

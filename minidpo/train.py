@@ -40,7 +40,8 @@ class ScriptArguments(TrlScriptArguments):
                                        "the pairs are written to output_dir/eval_pairs.jsonl)"})
     dataset_cache_dir: str | None = field(
         default=None, metadata={"help": "where the validated pairs are kept as Arrow files, built once per node and "
-                                        "reused by later runs on the same data (default: HF_DATASETS_CACHE/minidpo)"})
+                                        "reused by later runs on the same data (default: $MINIDPO_CACHE/prepared "
+                                        "or ~/.cache/minidpo/prepared)"})
     eval_split_seed: int = field(
         default=0, metadata={"help": "seed of the eval_fraction split; 0 like `minidpo convert --seed`, so both "
                                      "hold out the same pairs"})

@@ -150,14 +150,15 @@ def make_model(folder: Path, tokenizer_path: str | None) -> None:
 
 def run_row(name: str, code_root: Path, processes: int, work: Path, args) -> dict:
     out_dir = work / f"out-{name}"
-    cache = work / f"datasets-cache-{name}"
+    cache = work / f"cache-{name}"
     for d in (out_dir, cache):
         shutil.rmtree(d, ignore_errors=True)
     result = work / f"result-{name}"
     for old in work.glob(f"result-{name}.rank*.json"):
         old.unlink()
     threads = max(1, (os.cpu_count() or 1) // processes)
-    env = dict(os.environ, HF_DATASETS_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+    env = dict(os.environ, MINIDPO_CACHE=str(cache), HF_DATASETS_CACHE=str(cache / "datasets"), HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                HF_DATASETS_DISABLE_PROGRESS_BARS="1", PYTHONPATH=str(code_root), BENCH_T0=repr(time.time()))
     env.pop("ACCELERATE_CONFIG_FILE", None)

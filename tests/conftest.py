@@ -9,15 +9,17 @@ from helpers import write_tiny_assets
 
 @pytest.fixture(scope="session", autouse=True)
 def private_datasets_cache(tmp_path_factory):
-    """Prepared data (`minidpo.prepared`) and datasets' caches in a folder of this session, inherited by the
-    subprocesses tests start: no test reads what an earlier session left, none writes to the user's cache."""
-    old = os.environ.get("HF_DATASETS_CACHE")
-    os.environ["HF_DATASETS_CACHE"] = str(tmp_path_factory.mktemp("datasets-cache"))
+    """minidpo's caches (prepared data, reference log-probs) and datasets' in folders of this session, inherited by
+    the subprocesses tests start: no test reads what an earlier session left, none writes to the user's caches."""
+    saved = {k: os.environ.get(k) for k in ("MINIDPO_CACHE", "HF_DATASETS_CACHE")}
+    for key in saved:
+        os.environ[key] = str(tmp_path_factory.mktemp(key.lower()))
     yield
-    if old is None:
-        os.environ.pop("HF_DATASETS_CACHE", None)
-    else:
-        os.environ["HF_DATASETS_CACHE"] = old
+    for key, old in saved.items():
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 @pytest.fixture(scope="session")

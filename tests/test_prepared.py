@@ -134,7 +134,7 @@ def test_two_processes_prepare_and_encode_once(tiny_assets, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = subprocess_env(tmp_path, threads=1)
-    env["HF_DATASETS_CACHE"] = str(tmp_path / "cache")
+    env["MINIDPO_CACHE"] = str(tmp_path / "cache")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "configs" / "accelerate" / "cpu_ddp.yaml"), str(script),
            "--model_name_or_path", str(tiny_assets / "base"), "--dataset_name", str(tiny_assets / "dpo.jsonl"),
@@ -148,7 +148,7 @@ def test_two_processes_prepare_and_encode_once(tiny_assets, tmp_path):
     assert [r["built"] for r in results] == [[0], []]
     assert results[0]["n"] == results[1]["n"] == 160
     assert {r["mapped"] for r in results} == {"MemoryMappedTable"}
-    [folder] = (tmp_path / "cache" / "minidpo").iterdir()
+    [folder] = (tmp_path / "cache" / "prepared").iterdir()
     # the trainer's encoding map and its filter each wrote one cache file: rank 1 found rank 0's (a rank that
     # fingerprinted the work differently would have written its own)
     assert len(list(folder.glob("cache-*.arrow"))) == 2
