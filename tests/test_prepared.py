@@ -113,7 +113,8 @@ def test_a_second_builder_of_the_same_folder_keeps_the_first(source, tmp_path):
 
 
 WORKER = """
-import json, sys
+import json, os, sys
+from pathlib import Path
 from accelerate import PartialState
 from minidpo import train
 built, loaded = [], []
@@ -121,9 +122,9 @@ real_build, real_load = train.prepared._build, train.load_pairs
 train.prepared._build = lambda *a: built.append(PartialState().process_index) or real_build(*a)
 train.load_pairs = lambda *a: loaded.append(real_load(*a)) or loaded[-1]
 train.main(*train.parse(sys.argv[1:]))
-data = loaded[0][0]
-print("RESULT", json.dumps({"rank": PartialState().process_index, "built": built, "n": len(data),
-                            "mapped": data._data.__class__.__name__}), flush=True)
+data, rank = loaded[0][0], PartialState().process_index
+Path(os.environ["RESULTS"], f"rank{rank}.json").write_text(json.dumps(
+    {"rank": rank, "built": built, "n": len(data), "mapped": data._data.__class__.__name__}))
 """
 
 
@@ -134,7 +135,7 @@ def test_two_processes_prepare_and_encode_once(tiny_assets, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = subprocess_env(tmp_path, threads=1)
-    env["MINIDPO_CACHE"] = str(tmp_path / "cache")
+    env.update(MINIDPO_CACHE=str(tmp_path / "cache"), RESULTS=str(tmp_path))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "configs" / "accelerate" / "cpu_ddp.yaml"), str(script),
            "--model_name_or_path", str(tiny_assets / "base"), "--dataset_name", str(tiny_assets / "dpo.jsonl"),
@@ -142,9 +143,8 @@ def test_two_processes_prepare_and_encode_once(tiny_assets, tmp_path):
            "--per_device_train_batch_size", "2", "--save_strategy", "no"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    results = sorted((json.loads(x.split("RESULT ", 1)[1]) for x in proc.stdout.splitlines() if "RESULT " in x),
-                     key=lambda r: r["rank"])
-    assert [r["rank"] for r in results] == [0, 1]
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
+    assert [r["rank"] for r in results] == [0, 1], proc.stdout[-3000:]
     assert [r["built"] for r in results] == [[0], []]
     assert results[0]["n"] == results[1]["n"] == 160
     assert {r["mapped"] for r in results} == {"MemoryMappedTable"}
