@@ -120,6 +120,18 @@ def step_losses(checkpoint: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in log_history(checkpoint) if "loss" in e}
 
 
+def assert_matches_reference(run: Path, reference: dict, what: str, saved: dict | None = None) -> dict[int, float]:
+    """`run` logged a loss for each of the reference's 8 steps and ended at its weights (`saved`, else the folder's),
+    both within 1e-5; prints the measured gaps; returns the run's losses."""
+    losses = step_losses(run / "checkpoint-8")
+    assert sorted(losses) == sorted(reference["losses"]) == list(range(1, 9))
+    loss_diff = max(abs(losses[s] - reference["losses"][s]) for s in reference["losses"])
+    weight_diff = max_abs_diff(weights(run) if saved is None else saved, reference["weights"])
+    print(f"\n{what} vs 1 process: max |loss diff| {loss_diff:.2e}, max |weight diff| {weight_diff:.2e}")
+    assert loss_diff <= 1e-5 and weight_diff <= 1e-5
+    return losses
+
+
 # -------------------------------------------------------------------------------------------------------------
 # Shared reference: one uninterrupted single-process run (8 steps, checkpoints every 2), batches recorded.
 
@@ -188,14 +200,7 @@ def test_cpu_ddp_matches_single_process(assets, reference, tmp_path):
     # one copy of each [minidpo] line, whatever the number of processes
     assert proc.stdout.count("[minidpo] dataset ") == 1 and proc.stdout.count("[minidpo] tokenizer ") == 1, proc.stdout
     assert "find_unused_parameters" not in proc.stderr, "DDP was asked to look for unused parameters"
-    ddp_losses = step_losses(tmp_path / "ddp" / "checkpoint-8")
-    ref_losses = reference["losses"]
-    assert sorted(ddp_losses) == sorted(ref_losses) == list(range(1, 9))
-    loss_diff = max(abs(ddp_losses[s] - ref_losses[s]) for s in ref_losses)
-    weight_diff = max_abs_diff(weights(tmp_path / "ddp"), reference["weights"])
-    print(f"\nDDP vs 1 process: max |loss diff| {loss_diff:.2e}, max |weight diff| {weight_diff:.2e} "
-          f"({time.time() - t:.0f} s)")
-    assert loss_diff <= 1e-5 and weight_diff <= 1e-5
+    ddp_losses = assert_matches_reference(tmp_path / "ddp", reference, f"DDP ({time.time() - t:.0f} s)")
     assert ddp_losses[1] != ddp_losses[8]  # it trained
 
 
@@ -218,12 +223,7 @@ def test_two_machines_simulated_on_one_match_single_process(assets, reference, t
     outputs = [m.communicate(timeout=SUBPROCESS_TIMEOUT)[0] for m in machines]
     assert [m.returncode for m in machines] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     assert outputs[0].count("[minidpo] dataset ") == 1 and "[minidpo] dataset " not in outputs[1]  # global rank 0
-    losses = step_losses(tmp_path / "nodes" / "checkpoint-8")
-    loss_diff = max(abs(losses[s] - reference["losses"][s]) for s in reference["losses"])
-    weight_diff = max_abs_diff(weights(tmp_path / "nodes"), reference["weights"])
-    print(f"\n2 machines x 1 process vs 1 process: max |loss diff| {loss_diff:.2e}, "
-          f"max |weight diff| {weight_diff:.2e}")
-    assert loss_diff <= 1e-5 and weight_diff <= 1e-5
+    assert_matches_reference(tmp_path / "nodes", reference, "2 machines x 1 process")
 
 
 @pytest.mark.slow
@@ -239,15 +239,11 @@ def test_deepspeed_on_two_cpu_processes_matches_single_process(assets, reference
                                      str(config), config_file=engine),
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    losses = step_losses(tmp_path / "ds" / "checkpoint-8")
-    loss_diff = max(abs(losses[s] - reference["losses"][s]) for s in reference["losses"])
     saved = weights(tmp_path / "ds")
     # ZeRO-2's save keeps the tied LM head under its own name too (the same tensor as the embedding)
     if "lm_head.weight" in saved and "lm_head.weight" not in reference["weights"]:
         assert torch.equal(saved.pop("lm_head.weight"), saved["model.embed_tokens.weight"])
-    weight_diff = max_abs_diff(saved, reference["weights"])
-    print(f"\n{engine} 2 CPU processes vs 1: max |loss diff| {loss_diff:.2e}, max |weight diff| {weight_diff:.2e}")
-    assert sorted(losses) == list(range(1, 9)) and loss_diff <= 1e-5 and weight_diff <= 1e-5
+    assert_matches_reference(tmp_path / "ds", reference, f"{engine} on 2 CPU processes", saved=saved)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -485,14 +481,9 @@ def test_cpu_fsdp2_shards_and_matches_single_process(assets, reference, tmp_path
     proc = _launch_fsdp2(config)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert _all_sharded(proc.stdout), proc.stdout[-3000:]
-    losses = step_losses(tmp_path / "fsdp" / "checkpoint-8")
-    assert sorted(losses) == list(range(1, 9))
-    loss_diff = max(abs(losses[s] - reference["losses"][s]) for s in reference["losses"])
-    saved = weights(tmp_path / "fsdp")
-    weight_diff = max_abs_diff(saved, reference["weights"])  # same tensor names: the tied LM head saved once
-    print(f"\nFSDP2 (2 CPU processes) vs 1 process: max |loss diff| {loss_diff:.2e}, max |weight diff| "
-          f"{weight_diff:.2e} ({time.time() - t:.0f} s)")
-    assert loss_diff <= 1e-5 and weight_diff <= 1e-5
+    saved = weights(tmp_path / "fsdp")  # same tensor names as the reference: the tied LM head saved once
+    assert_matches_reference(tmp_path / "fsdp", reference, f"FSDP2 on 2 CPU processes ({time.time() - t:.0f} s)",
+                             saved=saved)
     # an ordinary Transformers folder: loads anywhere, no FSDP needed
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp").state_dict()
     assert bitwise_equal({k: loaded[k] for k in saved}, saved)
@@ -516,12 +507,7 @@ def test_cpu_fsdp2_resume_after_sigkill(assets, reference, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert _all_sharded(proc.stdout), proc.stdout[-3000:]
     assert proc.stdout.count("{'loss'") == 8 - killed_at, "it did not start from the checkpoint"
-    losses = step_losses(tmp_path / "run" / "checkpoint-8")
-    loss_diff = max(abs(losses[s] - reference["losses"][s]) for s in reference["losses"])
-    weight_diff = max_abs_diff(weights(tmp_path / "run"), reference["weights"])
-    print(f"\nFSDP2 killed after checkpoint-{killed_at} and resumed vs 1 process uninterrupted: max |loss diff| "
-          f"{loss_diff:.2e}, max |weight diff| {weight_diff:.2e}")
-    assert loss_diff <= 1e-5 and weight_diff <= 1e-5
+    assert_matches_reference(tmp_path / "run", reference, f"FSDP2 killed after checkpoint-{killed_at}, resumed")
 
 
 @pytest.mark.slow
