@@ -99,6 +99,10 @@ PRIVATE_MEMBERS = (
            "packed pair rows switch the attention function for one forward (read by every layer at call time)"),
     # Datasets
     Member("datasets:Dataset", "_fingerprint", "attribute", (), "the cache fingerprint of encoded pairs"),
+    Member("datasets.arrow_writer", "ArrowWriter", "function", ("features", "path", "writer_batch_size"),
+           "prepared data streams validated pairs into the Arrow files Dataset.from_file maps"),
+    Member("datasets.arrow_writer:ArrowWriter", "write", "method", ("example",), "one validated pair at a time"),
+    Member("datasets.arrow_writer:ArrowWriter", "finalize", "method", (), "flushes the last batch; returns the rows"),
 )
 
 

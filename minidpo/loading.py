@@ -88,11 +88,3 @@ def iter_records(path, tokenizer=None):
 def is_eval(record: dict, fraction: float, seed: int = 0) -> bool:
     """Whether `--eval-fraction` holds out this record (the rule `convert` applies to its output lines)."""
     return in_eval_split(json.dumps(record, ensure_ascii=False).encode("utf-8"), seed, fraction)
-
-
-def split_records(records: list, fraction: float, seed: int = 0) -> tuple[list, list]:
-    """(train, eval) with the same rule `convert --eval-fraction` applies to its output lines."""
-    train, evals = [], []
-    for r in records:
-        (evals if is_eval(r, fraction, seed) else train).append(r)
-    return train, evals

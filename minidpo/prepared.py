@@ -48,8 +48,11 @@ class PreparedData:
     eval: object
     folder: Path
     fmt: str
-    n_rejected: int
-    reasons: dict
+    reasons: dict  # rejected lines by reason
+
+    @property
+    def n_rejected(self) -> int:
+        return sum(self.reasons.values())
 
     @property
     def rejects_file(self) -> Path:
@@ -85,6 +88,8 @@ def prepare(path, tokenizer, *, splits: tuple = ("train", "eval"), eval_fraction
 
 
 def _build(path, fmt: str, tokenizer, splits: tuple, eval_fraction: float, seed: int, folder: Path) -> None:
+    from datasets.arrow_writer import ArrowWriter
+
     tmp = folder.with_name(f".{folder.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -92,8 +97,9 @@ def _build(path, fmt: str, tokenizer, splits: tuple, eval_fraction: float, seed:
         train_file, eval_file = (loading.split_path(path, split, fmt) for split in splits)
         split_train = eval_file is None and eval_fraction > 0
         reasons: dict[str, int] = {}
-        with open(tmp / "rejects.jsonl", "w", encoding="utf-8") as rejects, \
-                _Writer(tmp / "train.arrow") as train, _Writer(tmp / "eval.arrow") as evals:
+        writers = {split: ArrowWriter(features=features(), path=str(tmp / f"{split}.arrow"),
+                                      writer_batch_size=_BATCH) for split in ("train", "eval")}
+        with open(tmp / "rejects.jsonl", "w", encoding="utf-8") as rejects, writers["train"], writers["eval"]:
             for source, split in ((train_file, "train"), (eval_file, "eval")):
                 if source is None:
                     continue
@@ -104,11 +110,12 @@ def _build(path, fmt: str, tokenizer, splits: tuple, eval_fraction: float, seed:
                         rejects.write(json.dumps(reject, ensure_ascii=False) + "\n")
                         reasons[reject["reason"]] = reasons.get(reject["reason"], 0) + 1
                     elif split == "eval" or (split_train and loading.is_eval(record, eval_fraction, seed)):
-                        evals.add(record)
+                        writers["eval"].write(record)
                     else:
-                        train.add(record)
-        counts = {"format": fmt, "source": str(Path(path).resolve()), "train": train.rows, "eval": evals.rows,
-                  "rejected": sum(reasons.values()), "reasons": reasons}
+                        writers["train"].write(record)
+            rows = {split: writer.finalize()[0] for split, writer in writers.items()}
+        counts = {"format": fmt, "source": str(Path(path).resolve()), **rows, "rejected": sum(reasons.values()),
+                  "reasons": reasons}
         # written last: a folder with counts.json is complete
         (tmp / "counts.json").write_text(json.dumps(counts, indent=1) + "\n", encoding="utf-8")
         try:
@@ -126,41 +133,4 @@ def _open(folder: Path) -> PreparedData:
     counts = json.loads((folder / "counts.json").read_text(encoding="utf-8"))
     train = Dataset.from_file(str(folder / "train.arrow"))
     evals = Dataset.from_file(str(folder / "eval.arrow")) if counts["eval"] else None
-    return PreparedData(train=train, eval=evals, folder=folder, fmt=counts["format"],
-                        n_rejected=counts["rejected"], reasons=counts["reasons"])
-
-
-class _Writer:
-    """Records appended to one Arrow stream file (the format `datasets.Dataset.from_file` maps), a batch at a time."""
-
-    def __init__(self, path: Path):
-        self.path, self.rows, self._batch = path, 0, []
-
-    def __enter__(self):
-        import pyarrow as pa
-
-        self._schema = features().arrow_schema
-        self._sink = pa.OSFile(str(self.path), "wb")
-        self._stream = pa.ipc.new_stream(self._sink, self._schema)
-        return self
-
-    def add(self, record: dict) -> None:
-        self._batch.append(record)
-        if len(self._batch) >= _BATCH:
-            self._flush()
-
-    def _flush(self) -> None:
-        import pyarrow as pa
-
-        if self._batch:
-            self._stream.write_batch(pa.RecordBatch.from_pylist(self._batch, schema=self._schema))
-            self.rows += len(self._batch)
-            self._batch = []
-
-    def __exit__(self, exc_type, *exc):
-        try:
-            if exc_type is None:
-                self._flush()
-            self._stream.close()
-        finally:
-            self._sink.close()
+    return PreparedData(train=train, eval=evals, folder=folder, fmt=counts["format"], reasons=counts["reasons"])

@@ -254,8 +254,9 @@ class MiniDPOTrainer(DPOTrainer):
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
-        if _fsdp_version_asked():
-            check_sharded(self.model, _fsdp_version_asked(), self.accelerator.num_processes)
+        version = _fsdp_version_asked()
+        if version:
+            check_sharded(self.model, version, self.accelerator.num_processes)
         return model, train_dataloader
 
     def _save(self, output_dir=None, state_dict=None):

@@ -8,7 +8,7 @@ import pytest
 from helpers import bad_input_lines, line, pair, read_jsonl, write_input
 from minidpo.convert import convert_file
 from minidpo.errors import UserError
-from minidpo.loading import detect_format, load_trl_records, split_records
+from minidpo.loading import detect_format, is_eval, load_trl_records
 from minidpo.records import to_trl_record
 
 
@@ -43,7 +43,7 @@ def test_load_trl_records_reads_every_format(tmp_path):
 
 
 
-def test_split_records_holds_out_what_convert_holds_out(tmp_path):
+def test_is_eval_holds_out_what_convert_holds_out(tmp_path):
     """Training's eval_fraction and `convert --eval-fraction` put the same pairs aside for the same seed."""
     lines = bad_input_lines()
     src = tmp_path / "dpo.jsonl"
@@ -51,7 +51,8 @@ def test_split_records_holds_out_what_convert_holds_out(tmp_path):
     good = [to_trl_record(json.loads(raw)) for raw, reason in lines if reason is None]
     for seed in (0, 1, 2):
         convert_file(src, tmp_path / f"out{seed}", eval_fraction=0.5, seed=seed, progress=False)
-        train, evals = split_records(good, 0.5, seed)
+        train = [r for r in good if not is_eval(r, 0.5, seed)]
+        evals = [r for r in good if is_eval(r, 0.5, seed)]
         assert train == read_jsonl(tmp_path / f"out{seed}" / "train.jsonl")
         assert evals == read_jsonl(tmp_path / f"out{seed}" / "eval.jsonl")
         assert train and evals

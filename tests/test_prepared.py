@@ -10,7 +10,7 @@ import pytest
 from helpers import REPO, bad_input_lines, read_jsonl, subprocess_env, write_input
 from minidpo import prepared
 from minidpo.convert import convert_file
-from minidpo.loading import load_trl_records, split_records
+from minidpo.loading import is_eval, load_trl_records
 
 
 @pytest.fixture
@@ -40,7 +40,8 @@ def test_eval_fraction_holds_out_what_convert_holds_out(source, tmp_path):
     records, _ = load_trl_records(source)
     for seed in (0, 1):
         data = prepared.prepare(source, None, eval_fraction=0.5, seed=seed, cache_root=tmp_path / "cache")
-        train, evals = split_records(records, 0.5, seed)
+        train = [r for r in records if not is_eval(r, 0.5, seed)]
+        evals = [r for r in records if is_eval(r, 0.5, seed)]
         assert list(data.train) == train and list(data.eval) == evals and train and evals
 
 
