@@ -7,16 +7,17 @@ report.json + PNGs.
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 from minidpo import loading
 from minidpo.convert import LengthStats
 from minidpo.errors import UserError
 from minidpo.files import write_text_atomic
-from minidpo.masking import (DEFAULT_MAX_LENGTH, MASK_MODES, check_tokenizer, encode_pair, is_scorable,
-                             render)
+from minidpo.masking import DEFAULT_MAX_LENGTH, MASK_MODES, check_tokenizer, encode_pair, is_scorable
 from minidpo.plotting import figure, save
 
 _LONGEST = 10
@@ -86,8 +87,7 @@ def analyse_records(splits: dict, tokenizer, max_length: int, mask_mode: str = "
             turns[nturn] = turns.get(nturn, 0) + 1
 
             full = encode_pair(record, tokenizer, max_length=None, mask_mode=mask_mode)
-            prompt_len = len(tokenizer(render(record["prompt"], tokenizer, add_generation_prompt=True),
-                                       add_special_tokens=False)["input_ids"])
+            prompt_len = len(full["prompt_ids"])
             c, r = sum(full["chosen_loss_mask"]), sum(full["rejected_loss_mask"])
             seq = max(len(full["chosen_input_ids"]), len(full["rejected_input_ids"]))
             for name, v in (("prompt", prompt_len), ("chosen_scored", c), ("rejected_scored", r), ("sequence", seq)):
@@ -107,8 +107,10 @@ def analyse_records(splits: dict, tokenizer, max_length: int, mask_mode: str = "
                 elif (sum(cut["chosen_loss_mask"]), sum(cut["rejected_loss_mask"])) != (c, r):
                     answer_cut += 1
             last_user = next((m["content"] for m in reversed(record["prompt"]) if m["role"] == "user"), "")
-            longest.append((seq, split, i, prompt_len, c, r, _snippet(last_user)))
-            longest = sorted(longest, reverse=True)[:_LONGEST]
+            # a min-heap of the _LONGEST longest so far: bounded memory, no sort per record
+            (heapq.heappush if len(longest) < _LONGEST else heapq.heappushpop)(
+                longest, (seq, split, i, prompt_len, c, r, _snippet(last_user)))
+    longest = sorted(longest, reverse=True)
     share_longer = longer / n if n else 0.0
     share_shorter = shorter / n if n else 0.0
     mean_ratio = sum(ratios) / len(ratios) if ratios else float("nan")
@@ -247,9 +249,6 @@ def report_data(input_path, tokenizer, output_dir, max_length: int = DEFAULT_MAX
     usable = sum(len(v) for v in splits.values())
     if not usable:
         raise UserError(f"no usable preference pair in {input_path} ({len(rejects)} lines rejected)", code="bad_data")
-    reasons = {}
-    for r in rejects:
-        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
     analysis = analyse_records(splits, tokenizer, max_length, mask_mode)
     per_pair = analysis.pop("_per_pair")
     report = {
@@ -257,7 +256,7 @@ def report_data(input_path, tokenizer, output_dir, max_length: int = DEFAULT_MAX
         "mask_mode": mask_mode,
         "counts": {"records_read": usable + len(rejects), "usable": usable, "rejected": len(rejects),
                    "by_split": {k: len(v) for k, v in splits.items()}},
-        "rejected_by_reason": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        "rejected_by_reason": dict(Counter(r["reason"] for r in rejects).most_common()),
         **analysis,
     }
     if convert_stats.get("records_read"):

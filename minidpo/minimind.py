@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from minidpo.errors import UserError
-from minidpo.models import load_tokenizer
+from minidpo.models import load_causal_lm, load_tokenizer
 
 # Values MiniMind's config uses that the tensors cannot tell us (MiniMindConfig defaults of each version).
 VERSIONS = {
@@ -197,23 +197,18 @@ def import_minimind(ckpt_path, tokenizer_dir, output_dir, version=None, **overri
 
 def _load_for_export(model_dir: Path):
     """The model in `model_dir`, with a PEFT LoRA adapter merged into its base when that is what the folder holds."""
-    from transformers import AutoModelForCausalLM
-
     adapter_config = model_dir / "adapter_config.json"
-    if not adapter_config.is_file():
-        if not (model_dir / "config.json").is_file():
-            raise UserError(f"{model_dir} is neither a Transformers model folder (config.json) "
-                            "nor a LoRA adapter folder (adapter_config.json)", code="bad_model")
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    from peft import PeftModel
-
-    base_dir = json.loads(adapter_config.read_text()).get("base_model_name_or_path") or ""
-    if not (Path(base_dir) / "config.json").is_file():
-        raise UserError(f"the LoRA adapter in {model_dir} names base model {base_dir!r}, which is not a local "
-                        "model folder; merging needs the base model (the folder `minidpo import-minimind` wrote)",
-                        code="bad_model")
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    return PeftModel.from_pretrained(base, model_dir).merge_and_unload()
+    if adapter_config.is_file():
+        base_dir = json.loads(adapter_config.read_text()).get("base_model_name_or_path") or ""
+        if not (Path(base_dir) / "config.json").is_file():
+            raise UserError(f"the LoRA adapter in {model_dir} names base model {base_dir!r}, which is not a local "
+                            "model folder; merging needs the base model (the folder `minidpo import-minimind` "
+                            "wrote)", code="bad_model")
+    elif not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir} is neither a Transformers model folder (config.json) "
+                        "nor a LoRA adapter folder (adapter_config.json)", code="bad_model")
+    model = load_causal_lm(model_dir, dtype=torch.float32)  # an adapter folder loads with its base
+    return model.merge_and_unload() if adapter_config.is_file() else model
 
 
 def export_minimind(model_dir, output_path) -> dict:

@@ -238,7 +238,15 @@ def _load_balancing_loss(model, router_logits, attention_mask):
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func  # every MoE family's
 
     config = model.config.get_text_config()
-    return load_balancing_loss_func(router_logits, config.num_experts, config.num_experts_per_tok, attention_mask)
+    return load_balancing_loss_func(router_logits, expert_count(model), config.num_experts_per_tok, attention_mask)
+
+
+def expert_count(model) -> int:
+    """The experts a mixture-of-experts model routes tokens to (0 for a dense model), under whichever name its
+    family gives the count."""
+    config = model.config.get_text_config()
+    return next((n for k in ("num_experts", "num_local_experts", "n_routed_experts") if (n := getattr(config, k, 0))),
+                0)
 
 
 class _ScoredLogProbs(torch.autograd.Function):

@@ -49,7 +49,7 @@ from minidpo.errors import UserError
 from minidpo.masking import MASK_MODES, TRUNCATION_MODES, encode_pair, is_scorable
 from minidpo.models import ensure_pad_token, load_tokenizer
 from minidpo.pairs import PAIR_COLUMNS, REF_COLUMNS, PairCollator, pair_lengths
-from minidpo.scoring import COMPACT_FIELDS, install_pair_forward, log_probs_only
+from minidpo.scoring import COMPACT_FIELDS, expert_count, install_pair_forward, log_probs_only
 
 logger = logging.get_logger(__name__)
 
@@ -228,7 +228,11 @@ class MiniDPOTrainer(DPOTrainer):
         if args.ddp_find_unused_parameters is None and not isinstance(model, str):
             # Transformers would ask DDP to look for unused parameters (and warn each run that there were none):
             # only a mixture-of-experts model leaves some unused
-            args.ddp_find_unused_parameters = _routes_tokens(model)
+            args.ddp_find_unused_parameters = expert_count(model) > 0
+        # TRL reads the deprecated `is_gradient_checkpointing` in every reference forward: Transformers' notice is
+        # for TRL's authors, not for the person training. One filter, set once (changing the filters each step would
+        # make Python show every once-per-place warning again).
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         self.pairs_dropped: dict[str, int] = {}
         self.data_source: str | None = None
         self.lines_rejected = 0
@@ -415,7 +419,7 @@ class MiniDPOTrainer(DPOTrainer):
         if self._signature_columns is None:
             self._signature_columns = list(PAIR_COLUMNS) + list(REF_COLUMNS)
 
-    def _compute_loss_length_normalized(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.args.length_normalize and _TRL_LENGTH_AVERAGED & set(self.loss_types):
             inputs = {**inputs, "completion_mask": _count_each_sequence_once(inputs["completion_mask"])}
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -433,14 +437,6 @@ class MiniDPOTrainer(DPOTrainer):
             card = Path(self.args.output_dir) / "README.md"
             card.write_text(training_report.fix_card_base(card.read_text(encoding="utf-8"), self)
                             + training_report.card_sections(self), encoding="utf-8")
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        with warnings.catch_warnings():
-            # TRL reads the deprecated `is_gradient_checkpointing` in every reference forward: Transformers' notice
-            # is for TRL's authors, not for the person training.
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                    category=FutureWarning)
-            return self._compute_loss_length_normalized(model, inputs, return_outputs, num_items_in_batch)
 
     def _issue_warnings_after_load(self, load_result):
         # A tied LM head is saved once, under the embedding's name: its "missing" key is loaded all the same.
@@ -521,12 +517,6 @@ def _tied_duplicates(model) -> set[str]:
             tied.add(name)
         seen.add(id(param))
     return tied
-
-
-def _routes_tokens(model) -> bool:
-    """A mixture-of-experts model: an expert no token was routed to gets no gradient in a step."""
-    config = model.config.get_text_config()
-    return any(getattr(config, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
 
 
 def _encode_example(example, tokenizer, max_length, mask_mode, truncation_mode):

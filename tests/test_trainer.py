@@ -391,19 +391,23 @@ def test_summed_log_ratios_give_trls_loss_for_every_option(tmp_path, options):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_moe_router_loss_reaches_the_loss(tmp_path):
-    """A tiny Qwen3-MoE: minidpo's loss (compact head, pairs not packed) equals TRL's with the router's load-balancing
-    loss in it, and the aux loss is logged; without the router loss the two would differ by coef * aux."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_moe_router_loss_reaches_the_loss(tmp_path, family):
+    """A tiny Qwen3-MoE (`num_experts`) and Mixtral (`num_local_experts`): minidpo's loss (compact head, pairs not
+    packed) equals TRL's with the router's load-balancing loss in it, and the aux loss is logged; without the router
+    loss the two would differ by coef * aux."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     tok = build_tokenizer()
+    experts = {"num_experts": 4} if family == "qwen3_moe" else {"num_local_experts": 4}
 
     def moe(reference):
-        config = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
-                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
-                                num_experts_per_tok=2, router_aux_loss_coef=0.5, pad_token_id=tok.pad_token_id)
+        config = AutoConfig.for_model(family, vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                      moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, num_experts_per_tok=2, router_aux_loss_coef=0.5,
+                                      pad_token_id=tok.pad_token_id, **experts)
         torch.manual_seed(0 if reference else 1)
-        return Qwen3MoeForCausalLM(config)
+        return AutoModelForCausalLM.from_config(config)
 
     stock, ours = _stock_and_ours(tmp_path, _standard(), model=moe)
     assert ours.aux_loss_enabled
