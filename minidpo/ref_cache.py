@@ -11,6 +11,7 @@ Location: `ref_cache_dir`, else `$MINIDPO_CACHE`, else `~/.cache/minidpo`; one `
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -19,16 +20,28 @@ from datasets.fingerprint import Hasher
 
 from minidpo.files import atomic_path, cache_root
 from minidpo.pairs import REF_COLUMNS, content_hash
+from minidpo.scoring import SCORING_VERSION
 
-_VERSION = "minidpo.ref-logps/1"  # bump when the values for the same key would change
+_VERSION = "minidpo.ref-logps/2"  # bump when the values for the same key would change (2: the model's config)
 
 
-def cache_file(model_hash, dataset, args) -> Path:
-    """Where the reference log-probs of `dataset` (encoded pairs) under training config `args` are kept."""
-    key = Hasher.hash((model_hash, content_hash(dataset), args.max_length, args.mask_mode, args.length_normalize,
-                       args.bf16, args.fp16, _VERSION))
+def cache_file(model_hash, model, dataset, args) -> Path:
+    """Where the reference log-probs of `dataset` (encoded pairs) under training config `args` are kept.
+
+    `model_hash` is TRL's hash of the reference weights; the model's class and config join it, since equal weights
+    score differently under another architecture (a Mistral's sliding window, a Llama's full attention), and so does
+    the scoring code's version, since a change to how log-probs are computed must not reuse old values."""
+    key = Hasher.hash((model_hash, architecture(model), content_hash(dataset), args.max_length, args.mask_mode,
+                       args.length_normalize, args.bf16, args.fp16, _VERSION, SCORING_VERSION))
     root = Path(args.ref_cache_dir) if args.ref_cache_dir else cache_root()
     return root / "ref-logps" / f"{key}.pt"
+
+
+def architecture(model) -> tuple:
+    """The model's class and config values, without its name or path (a copy elsewhere scores the same)."""
+    config = {k: v for k, v in model.config.to_dict().items()
+              if not k.startswith("_") and k not in ("name_or_path", "transformers_version")}
+    return type(model).__name__, json.dumps(config, sort_keys=True, default=str)
 
 
 def read(path: Path, accelerator) -> torch.Tensor | None:

@@ -42,3 +42,37 @@ def test_reference_cache_is_reused_across_runs(tmp_path, monkeypatch):
     assert len(computed) == 1
 
 
+
+
+def test_reference_cache_misses_on_another_scoring_version_or_architecture(tmp_path, monkeypatch):
+    """Same weights and pairs, but a bumped scoring-code version, or the same weights as a Mistral with a sliding
+    window instead of a Llama: each is a new key (the Llama's values would be wrong for the Mistral)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from minidpo import ref_cache
+
+    data = [to_trl(r) for r in make_preference_records(4, seed=7)]
+    tok = build_tokenizer()
+    cache = tmp_path / "cache"
+    computed, compute = [], MiniDPOTrainer._compute_ref_logps_sorted
+    monkeypatch.setattr(MiniDPOTrainer, "_compute_ref_logps_sorted", lambda *a: computed.append(1) or compute(*a))
+
+    def trainer(model):
+        args = MiniDPOConfig(output_dir=str(tmp_path / "out"), report_to="none", max_length=512,
+                             precompute_ref_log_probs=True, ref_cache_dir=str(cache))
+        return MiniDPOTrainer(model, args=args, train_dataset=Dataset.from_list(data), processing_class=tok)
+
+    llama = build_tiny_model(tok, seed=0)
+    trainer(llama)
+    trainer(build_tiny_model(tok, seed=0))
+    assert len(computed) == 1  # the same model again: read from the cache
+    monkeypatch.setattr(ref_cache, "SCORING_VERSION", "minidpo.scoring/test-bump")
+    trainer(build_tiny_model(tok, seed=0))
+    assert len(computed) == 2
+    config = MistralConfig(**{k: v for k, v in llama.config.to_dict().items() if k in MistralConfig().to_dict()},
+                           sliding_window=8)
+    mistral = MistralForCausalLM(config)
+    mistral.load_state_dict(llama.state_dict())
+    trainer(mistral)
+    assert len(computed) == 3
+    assert len(list((cache / "ref-logps").glob("*.pt"))) == 3
