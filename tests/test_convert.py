@@ -66,7 +66,7 @@ def test_eval_split_is_deterministic_disjoint_and_close_to_the_fraction(tmp_path
     convert_file(src, tmp_path / "c", eval_fraction=0.1, seed=4, progress=False)
     assert keys(read_jsonl(tmp_path / "c" / "eval.jsonl")) != keys(ev)
     # Rerunning without a split removes the old eval.jsonl rather than leaving it to be loaded.
-    convert_file(src, tmp_path / "a", progress=False)
+    convert_file(src, tmp_path / "a", progress=False, overwrite=True)
     assert not (tmp_path / "a" / "eval.jsonl").exists()
 
 
