@@ -68,32 +68,24 @@ class PreparedData:
                 f"all {n} lines rejected as {reason} (first: {self.examples.get(reason, '?')})")
 
 
-def input_files(path, fmt: str, splits: tuple = ("train", "eval")) -> list:
-    """The files `prepare` reads for `splits` of `path` (a convert directory's split files, or the file itself)."""
-    found = (loading.split_path(path, split, fmt) for split in splits)
-    return [Path(f).resolve() for f in found if f is not None]
-
-
-def content_digest(paths) -> str:
-    """A hash of the bytes of `paths`, in order, read in 1 MiB chunks: what the cache key stands on. A file
-    rewritten with the same size and modification time (a restore, `touch -r`, a sync tool) gets another key.
-    blake2b reads about 1 GB/s on one core: seconds for a multi-GB file, against minutes to validate it."""
+def content_digest(path) -> str:
+    """A hash of the bytes of `path`, read in 1 MiB chunks: what the cache key stands on. A file rewritten with the
+    same size and modification time (a restore, `touch -r`, a sync tool) gets another key. blake2b reads about
+    1 GB/s on one core: seconds for a multi-GB file, against minutes to validate it."""
     h = hashlib.blake2b(digest_size=16)
-    for path in paths:
-        h.update(f"{Path(path).name}\0".encode())  # which split file: train and eval contents swapped differ
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        h.update(b"\0")
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
     return h.hexdigest()
 
 
 def cache_key(path, fmt: str, tokenizer, splits: tuple, eval_fraction: float, seed: int) -> str:
-    """A name for what `prepare` writes: the content of the input files (`content_digest`, never their path or
-    modification time), their format, the strings rejected inside contents (they depend on the tokenizer), the
-    splits read and the eval split."""
-    digest = content_digest(input_files(path, fmt, splits))
-    blob = json.dumps([_VERSION, digest, fmt, special_tokens(tokenizer), list(splits), eval_fraction, seed])
+    """A name for what `prepare` writes: the content of each split's file (`content_digest`; never a path or a
+    modification time, so the same bytes anywhere share a folder), their format, the strings rejected inside
+    contents (they depend on the tokenizer), the splits read and the eval split."""
+    sources = (loading.split_path(path, split, fmt) for split in splits)
+    digests = [content_digest(f) if f is not None else None for f in sources]
+    blob = json.dumps([_VERSION, digests, fmt, special_tokens(tokenizer), list(splits), eval_fraction, seed])
     return hashlib.blake2b(blob.encode("utf-8"), digest_size=12).hexdigest()
 
 
@@ -151,6 +143,7 @@ def _build(path, fmt: str, tokenizer, splits: tuple, eval_fraction: float, seed:
                     else:
                         writers["train"].write(record)
             rows = {split: writer.finalize()[0] for split, writer in writers.items()}
+        # "source": the path it was first built from (the same bytes at another path share the folder)
         counts = {"format": fmt, "source": str(Path(path).resolve()), **rows, "rejected": sum(reasons.values()),
                   "reasons": reasons, "examples": examples}
         # written last: a folder with counts.json is complete
