@@ -130,7 +130,7 @@ def convert_file(input_path, output_dir, tokenizer=None, max_length=None, mask_m
         if created:
             with contextlib.suppress(OSError):
                 output_dir.rmdir()
-        raise write_error("the converted pairs", output_dir, e, "free some space or choose another --output") \
+        raise write_error("the converted pairs", output_dir, e, "choose another --output") \
             from None
     if not stats["records_read"]:
         raise UserError(f"no records in {input_path} (the file is empty or holds only blank lines)", code="bad_data")

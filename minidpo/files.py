@@ -73,13 +73,13 @@ def remove_orphans(folder) -> list:
     return removed
 
 
-def write_error(what: str, path, error: OSError, advice: str = "") -> "UserError":
+def write_error(what: str, path, error: OSError, advice: str) -> "UserError":
     """The one-line `UserError` for an OSError while writing `what` to `path` (disk full, read-only, no
     permission, a file where a folder belongs), with `advice` on what to change."""
     reason = error.strerror or str(error)
     if error.errno == errno.ENOSPC:
-        reason = "no space left on the device"
-    return UserError(f"cannot write {what} to {path}: {reason}{'; ' + advice if advice else ''}", code="write_failed")
+        reason, advice = "no space left on the device", f"free some space, or {advice}"
+    return UserError(f"cannot write {what} to {path}: {reason}; {advice}", code="write_failed")
 
 
 def cache_root() -> Path:

@@ -252,7 +252,7 @@ def import_minimind(ckpt_path, tokenizer_dir, output_dir, version=None, overwrit
         tokenizer.save_pretrained(tmp)
         _replace_folder(tmp, output_dir)
     except OSError as e:
-        raise files.write_error("the imported model", output_dir, e, "free some space or choose another --output") \
+        raise files.write_error("the imported model", output_dir, e, "choose another --output") \
             from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -322,7 +322,6 @@ def export_minimind(model_dir, output_path, overwrite=False) -> dict:
             # a Python file, so a failed write is an OSError with its errno (a path gives torch's RuntimeError)
             torch.save({k: sd[k] for k in expected}, f)
     except OSError as e:
-        raise files.write_error("the MiniMind checkpoint", output_path, e, "free some space or choose another "
-                                "--output") from None
+        raise files.write_error("the MiniMind checkpoint", output_path, e, "choose another --output") from None
     return dict(version=version, num_tensors=len(expected), output_path=str(output_path),
                 num_parameters=sum(p.numel() for p in model.parameters()))  # counts tied weights once
