@@ -137,7 +137,8 @@ def _build(path, fmt: str, tokenizer, splits: tuple, eval_fraction: float, seed:
                             reject["file"] = source.name  # which of the directory's files the line number is in
                         rejects.write(json.dumps(reject, ensure_ascii=False) + "\n")
                         reasons[reject["reason"]] = reasons.get(reject["reason"], 0) + 1
-                        examples.setdefault(reject["reason"], f"line {reject['line']}: {reject['message']}")
+                        where = f"{source.name} line" if fmt == "convert-dir" else "line"
+                        examples.setdefault(reject["reason"], f"{where} {reject['line']}: {reject['message']}")
                     elif split == "eval" or (split_train and loading.is_eval(record, eval_fraction, seed)):
                         writers["eval"].write(record)
                     else:
