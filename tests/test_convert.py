@@ -318,3 +318,18 @@ def test_pairs_identical_after_truncation_are_counted_with_their_line(tmp_path):
     assert stats["converted"] == 2 and stats["warnings_by_code"]["identical_after_truncation"] == 1
     [w] = [w for w in stats["warnings"] if w["code"] == "identical_after_truncation"]
     assert w["line"] == 2 and "loss ln 2" in w["message"]
+
+
+def test_what_a_killed_convert_left_goes_with_the_next_one(tmp_path, capsys):
+    """A convert killed mid-write (SIGKILL runs no cleanup) leaves its hidden temporaries; the next convert into
+    that folder removes them."""
+    import socket
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    orphan = out / f".train.jsonl.tmp-{socket.gethostname()}-{dead.pid}.jsonl"
+    orphan.write_text('{"half": ')
+    assert _run(capsys, "convert", _source(tmp_path), "--output", out, "--no-progress")[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["rejects.jsonl", "stats.json", "train.jsonl"]
