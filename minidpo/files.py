@@ -73,11 +73,12 @@ def remove_orphans(folder) -> list:
     return removed
 
 
-def write_error(what: str, path, error: OSError, advice: str) -> "UserError":
-    """The one-line `UserError` for an OSError while writing `what` to `path` (disk full, read-only, no
-    permission, a file where a folder belongs), with `advice` on what to change."""
-    reason = error.strerror or str(error)
-    if error.errno == errno.ENOSPC:
+def write_error(what: str, path, error: Exception, advice: str) -> "UserError":
+    """The one-line `UserError` for a failed write of `what` to `path` (disk full, read-only, no permission, a file
+    where a folder belongs), with `advice` on what to change. `error` is an OSError, or what a writer that does its
+    own I/O raises instead (safetensors' SafetensorError names the OS error in its text)."""
+    reason = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [repr(error)])[0]
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
         reason, advice = "no space left on the device", f"free some space, or {advice}"
     return UserError(f"cannot write {what} to {path}: {reason}; {advice}", code="write_failed")
 

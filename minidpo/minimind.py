@@ -244,6 +244,8 @@ def import_minimind(ckpt_path, tokenizer_dir, output_dir, version=None, overwrit
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
                                                eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
+    from safetensors import SafetensorError
+
     tmp = files.temp_sibling(output_dir)
     try:
         files.remove_orphans(output_dir.parent)  # folders of an import killed mid-write
@@ -251,9 +253,8 @@ def import_minimind(ckpt_path, tokenizer_dir, output_dir, version=None, overwrit
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _replace_folder(tmp, output_dir)
-    except OSError as e:
-        raise files.write_error("the imported model", output_dir, e, "choose another --output") \
-            from None
+    except (OSError, SafetensorError) as e:  # the weights are written by safetensors' own (Rust) I/O
+        raise files.write_error("the imported model", output_dir, e, "choose another --output") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dict(arch, output_dir=str(output_dir))

@@ -351,3 +351,31 @@ def test_a_full_disk_while_exporting_leaves_nothing(tmp_path, imported, capsys, 
     assert rc == 2
     assert_one_line_error(err, "cannot write the MiniMind checkpoint to", "no space left on the device")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_full_disk_while_importing_leaves_nothing(tmp_path, tiny_tokenizer, capsys, monkeypatch):
+    """safetensors writes the weights with its own I/O and reports a full disk as a SafetensorError, not an
+    OSError: one line all the same, no half folder, the earlier one (--overwrite) kept."""
+    from safetensors import SafetensorError
+    from transformers import PreTrainedModel
+
+    from helpers import assert_one_line_error
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "earlier.txt").write_text("kept")
+
+    def full(self, folder, **kwargs):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    before = _tree(tmp_path)
+    ckpt = save(make_state_dict(), tmp_path / "in.pth")
+    before[ckpt.name] = ckpt.read_bytes()
+    rc, err = _cli(capsys, "import-minimind", ckpt, "--tokenizer", tiny_tokenizer, "--output", out, "--overwrite")
+    assert rc == 2
+    assert_one_line_error(err, f"cannot write the imported model to {out}: no space left on the device")
+    assert _tree(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["hf", "in.pth"]
