@@ -70,8 +70,8 @@ class PreparedData:
 
 def content_digest(path) -> str:
     """A hash of the bytes of `path`, read in 1 MiB chunks: what the cache key stands on. A file rewritten with the
-    same size and modification time (a restore, `touch -r`, a sync tool) gets another key. blake2b reads about
-    1 GB/s on one core: seconds for a multi-GB file, against minutes to validate it."""
+    same size and modification time (a restore, `touch -r`, a sync tool) gets another key. blake2b reads
+    several hundred MB/s on one core: seconds per GB, against minutes to validate it."""
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
