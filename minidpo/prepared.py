@@ -5,8 +5,8 @@ a full copy of the data. Instead the first process of each node (`main_process_f
 streams the input into `train.arrow` / `eval.arrow`, plus its rejects and counts, in a cache folder named by
 everything the result depends on, the input's bytes included (under `$MINIDPO_CACHE/prepared`, by default
 ~/.cache/minidpo/prepared); the other processes, and later runs on the same data, open those files. Pages of a
-memory-mapped file are shared between processes and count once in the node's memory. The trainer's encoding (`MiniDPOTrainer._prepare_dataset`)
-then caches its token ids in the same folder, also once per node.
+memory-mapped file are shared between processes and count once in the node's memory. The trainer's encoding
+(`MiniDPOTrainer._prepare_dataset`) then caches its token ids in the same folder, also once per node.
 """
 
 import hashlib

@@ -241,9 +241,13 @@ def load_pairs(script_args: ScriptArguments, tokenizer, training_args: MiniDPOCo
         where = f"; every line with its reason in {Path(training_args.output_dir) / 'rejects.jsonl'}"
         raise UserError(f"no usable training pair in {path}: {why}{where if data.n_rejected else ''}",
                         code="bad_data")
+    eval_file = (loading.split_path(path, script_args.dataset_test_split, data.fmt) if data.fmt == "convert-dir"
+                 else None)
     if script_args.eval_fraction and not n_eval:
         say(f"WARNING: eval_fraction {script_args.eval_fraction} of {len(data.train)} pairs holds out none: there is "
             "no evaluation; raise eval_fraction")
+    elif eval_file is not None and not n_eval:  # e.g. `convert --eval-fraction 0.02` of 60 pairs
+        say(f"WARNING: {eval_file} holds no usable pair: there is no evaluation")
     return data.train, data.eval, data.n_rejected
 
 

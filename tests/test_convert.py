@@ -295,8 +295,8 @@ def test_an_empty_eval_split_is_a_warning(tmp_path, capsys):
     from minidpo.records import in_eval_split
 
     src = _source(tmp_path, n=60)
-    lines = [json.dumps(to_trl_record(json.loads(x)), ensure_ascii=False).encode() for x in src.read_bytes().split(b"\n")
-             if x]
+    lines = [json.dumps(to_trl_record(json.loads(x)), ensure_ascii=False).encode()
+             for x in src.read_bytes().split(b"\n") if x]
     seed = next(s for s in range(100) if not any(in_eval_split(x, s, 0.02) for x in lines))
     rc, out, _ = _run(capsys, "convert", src, "--output", tmp_path / "out", "--eval-fraction", "0.02",
                       "--seed", seed, "--no-progress")

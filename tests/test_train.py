@@ -395,6 +395,14 @@ def test_an_eval_fraction_that_holds_out_nothing_is_a_warning(tiny_assets, tmp_p
     train_set, evals, _ = train.load_pairs(script_args, tok, training_args)
     assert len(train_set) == 3 and evals is None
     assert "WARNING: eval_fraction 0.02 of 3 pairs holds out none: there is no evaluation" in capsys.readouterr().out
+    # a convert directory whose eval.jsonl came out empty
+    (tmp_path / "conv").mkdir()
+    (tmp_path / "conv" / "train.jsonl").write_bytes(src.read_bytes())
+    (tmp_path / "conv" / "eval.jsonl").write_bytes(b"")
+    script_args, training_args, _ = train.parse(["--dataset_name", str(tmp_path / "conv"), "--output_dir",
+                                                 str(tmp_path / "out")])
+    assert train.load_pairs(script_args, tok, training_args)[1] is None
+    assert f"WARNING: {tmp_path / 'conv' / 'eval.jsonl'} holds no usable pair" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------------
