@@ -63,9 +63,10 @@ class PreparedData:
         if not self.reasons:
             return "the file holds no records"
         reason, n = max(self.reasons.items(), key=lambda kv: kv[1])
-        return (f"all {self.n_rejected} lines rejected, {n} as {reason} (first: {self.examples.get(reason, '?')})"
-                if n < self.n_rejected else
-                f"all {n} lines rejected as {reason} (first: {self.examples.get(reason, '?')})")
+        example = self.examples.get(reason, "?")
+        example = example if len(example) <= 160 else example[:157] + "..."  # one readable line
+        return (f"all {self.n_rejected} lines rejected, {n} as {reason} (first: {example})" if n < self.n_rejected
+                else f"all {n} lines rejected as {reason} (first: {example})")
 
 
 def content_digest(path) -> str:

@@ -235,3 +235,14 @@ def test_an_out_of_range_eval_fraction_is_refused(source, tmp_path):
         with pytest.raises(UserError, match=r"eval_fraction must be in \[0, 1\)"):
             prepared.prepare(source, None, eval_fraction=bad, cache_root=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
+
+
+def test_why_nothing_is_usable_names_the_dominant_reason_and_its_first_line(tmp_path):
+    src = tmp_path / "trl.jsonl"
+    string_prompt = json.dumps({"prompt": "Hi", "chosen": [{"role": "assistant", "content": "a"}],
+                                "rejected": [{"role": "assistant", "content": "b"}]})
+    src.write_text(f'{{"chosen": [\n{string_prompt}\n{string_prompt}\n', encoding="utf-8")
+    data = prepared.prepare(src, None, cache_root=tmp_path / "cache")
+    assert len(data.train) == 0
+    assert data.why_empty() == ("all 3 lines rejected, 2 as bad_type (first: line 2: 'prompt' must be a list of "
+                                "messages (conversational format), got string)")
