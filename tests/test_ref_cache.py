@@ -76,3 +76,33 @@ def test_reference_cache_misses_on_another_scoring_version_or_architecture(tmp_p
     trainer(mistral)
     assert len(computed) == 3
     assert len(list((cache / "ref-logps").glob("*.pt"))) == 3
+
+
+def test_an_unwritable_or_damaged_cache_never_stops_training(tmp_path, capsys):
+    """A cache folder that cannot be written is one warning line (the values are in memory); a damaged cache file
+    is recomputed; a temporary left by a killed writer goes with the next write."""
+    import socket
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from minidpo import ref_cache
+
+    main = SimpleNamespace(is_main_process=True)
+    logps = torch.tensor([[-1.0, -2.0], [-3.0, -4.0]])
+    (tmp_path / "a-file").write_text("x")
+    ref_cache.write(tmp_path / "a-file" / "ref-logps" / "k.pt", logps, main)
+    assert "WARNING: cannot cache the reference log-probs in" in capsys.readouterr().out
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder = tmp_path / "ref-logps"
+    folder.mkdir()
+    orphan = folder / f".k.pt.tmp-{socket.gethostname()}-{dead.pid}.pt"
+    orphan.write_bytes(b"half")
+    ref_cache.write(folder / "k.pt", logps, main)
+    assert sorted(p.name for p in folder.iterdir()) == ["k.pt"]
+    assert torch.equal(ref_cache._load(folder / "k.pt"), logps)
+    (folder / "k.pt").write_bytes((folder / "k.pt").read_bytes()[:40])  # cut short
+    assert ref_cache._load(folder / "k.pt") is None
+    assert "cannot be read" in capsys.readouterr().out
