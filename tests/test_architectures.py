@@ -181,8 +181,9 @@ def check_against_reference(trainer, family, average=True, precompute=False, lor
     overall = max(g.abs().max().item() for g in expected_grads.values())
     for name, g in got_grads.items():
         expected = expected_grads[name]
-        scale = max(expected.abs().max().item(), 1e-3 * overall)
-        torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-5 * scale, msg=f"gradient of {name}")
+        scale = max(expected.abs().max().item(), 1e-2 * overall)
+        torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-5 * scale,
+                                   msg=lambda m, name=name: f"gradient of {name}: {m}")
     assert any(g.abs().sum() > 0 for g in got_grads.values())
 
 
