@@ -177,11 +177,11 @@ def check_against_reference(trainer, family, average=True, precompute=False, lor
     names = dict(ref.policy.named_parameters())
     expected_grads = {name: _grad(names[name]) for name in got_grads}
     # float32 rounding of the largest entries; a gradient that is zero in exact arithmetic (a key bias: softmax is
-    # shift-invariant) is compared at the model's overall gradient scale
+    # shift-invariant) is compared at a tenth of the model's largest gradient
     overall = max(g.abs().max().item() for g in expected_grads.values())
     for name, g in got_grads.items():
         expected = expected_grads[name]
-        scale = max(expected.abs().max().item(), 1e-2 * overall)
+        scale = max(expected.abs().max().item(), 0.1 * overall)
         torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-5 * scale,
                                    msg=lambda m, name=name: f"gradient of {name}: {m}")
     assert any(g.abs().sum() > 0 for g in got_grads.values())
