@@ -9,7 +9,9 @@ Every knob is a field of one of three dataclasses, settable in the YAML file or 
 `trl.ModelConfig` (model, dtype, LoRA). Read `main` top to bottom: check, load, train, evaluate, save, push.
 """
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from trl import ModelConfig, ScriptArguments as TrlScriptArguments, TrlParser
 
-from minidpo import loading, prepared, resilience, training_report
+from minidpo import loading, prepared, resilience, run_record, training_report
 from minidpo.commands import TRAIN_HELP
 from minidpo.console import is_main_process, say
 from minidpo.errors import UserError, exit_status
@@ -50,8 +52,13 @@ class ScriptArguments(TrlScriptArguments):
                                          "output_dir/merged"})
     # Transformers 5 dropped TrainingArguments.overwrite_output_dir; minidpo keeps the guard and the switch.
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "train into an output_dir that already holds another run (its files are "
-                                         "overwritten); without it minidpo refuses, unless resume_from_checkpoint"})
+        default=False, metadata={"help": "train into an output_dir that already holds another run (its checkpoints "
+                                         "are removed, its other files overwritten); without it minidpo refuses, "
+                                         "unless resume_from_checkpoint"})
+    accept_resume_changes: bool = field(
+        default=False, metadata={"help": "resume even though data, model, max_length, mask_mode, beta, loss_type, "
+                                         "length_normalize or learning_rate differ from the checkpoint's (the new "
+                                         "values apply from the resumed step; summary.json and the card list them)"})
 
 
 class _Parser(TrlParser):
@@ -63,13 +70,25 @@ class _Parser(TrlParser):
     def error(self, message):
         raise UserError(message, code="bad_config")
 
+    def set_defaults_with_config(self, **kwargs):
+        """YAML values become defaults without argparse's `type` check: a list or mapping where one value belongs
+        (`max_steps: [1, 2]`) would reach the dataclasses as is."""
+        for action in self._actions:
+            value = kwargs.get(action.dest)
+            if action.dest in kwargs and action.nargs in (None, "?") and isinstance(value, (list, dict)):
+                kind = {int: "a whole number", float: "a number"}.get(action.type, "one value")
+                raise UserError(f"{action.dest} takes {kind}, got {value!r} in the config file", code="bad_config")
+        return super().set_defaults_with_config(**kwargs)
+
     def parse_args_and_config(self, args=None, *rest, **kwargs):
         import yaml
 
         args = list(sys.argv[1:] if args is None else args)
         config = args[args.index("--config") + 1] if "--config" in args[:-1] else None
         try:
-            return super().parse_args_and_config(args, *rest, **kwargs)
+            parsed = super().parse_args_and_config(args, *rest, **kwargs)
+            check_numbers(*(p for p in parsed if dataclasses.is_dataclass(p)))
+            return parsed
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{config}, line {mark.line + 1}, column {mark.column + 1}" if mark else config
@@ -79,6 +98,29 @@ class _Parser(TrlParser):
             raise UserError(str(e), code="bad_config") from None
         except OSError as e:
             raise UserError(f"cannot read --config {config}: {e.strerror or e}", code="bad_config") from None
+
+
+def check_numbers(*configs) -> None:
+    """Numbers that parse but mean nothing, refused in one line: any float option that is not finite (inf, NaN), a
+    training length of zero (no step would run and the base model would be saved as the result)."""
+    for config in configs:
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name, None)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise UserError(f"{f.name} must be a finite number, got {value}", code="bad_config")
+    for config in configs:
+        if not isinstance(config, MiniDPOConfig):
+            continue
+        if config.max_steps == 0 or config.max_steps < -1:
+            raise UserError(f"max_steps must be a positive number of steps, or -1 to train num_train_epochs, got "
+                            f"{config.max_steps}", code="bad_config")
+        if config.max_steps < 0 and not config.num_train_epochs > 0:
+            raise UserError(f"num_train_epochs must be > 0, got {config.num_train_epochs}: no step would run (or "
+                            "set max_steps)", code="bad_config")
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            if getattr(config, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(config, name)}", code="bad_config")
 
 
 def make_parser(subparsers=None):
@@ -94,19 +136,18 @@ def parse(argv=None):
     return make_parser().parse_args_and_config(args=argv)
 
 
-# Files that mean an output directory already holds a run (a finished model or a checkpoint of one).
-_RUN_MARKERS = ("summary.json", "trainer_state.json", "training_args.bin", "model.safetensors",
-                "adapter_model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
-
-
 def check_output_dir(script_args: ScriptArguments, training_args: MiniDPOConfig) -> None:
-    """Refuse to train over another run, unless resuming it or told to overwrite it."""
+    """Refuse to train over another run, unless resuming it or told to overwrite it (not both)."""
     out = Path(training_args.output_dir)
-    if not out.is_dir() or script_args.overwrite_output_dir:
+    request = resilience.resume_request(training_args.resume_from_checkpoint)
+    if script_args.overwrite_output_dir and request is not False:
+        inside = request is True or Path(request).expanduser().resolve().is_relative_to(out.expanduser().resolve())
+        if inside:
+            raise UserError("overwrite_output_dir replaces the run in output_dir and resume_from_checkpoint "
+                            "continues it: set only one of them", code="bad_config")
+    if not out.is_dir() or script_args.overwrite_output_dir or request is not False:
         return
-    if resilience.resume_request(training_args.resume_from_checkpoint) is not False:
-        return
-    found = [m for m in _RUN_MARKERS if (out / m).exists()] + sorted(p.name for p in out.glob("checkpoint-*"))[:3]
+    found = resilience.run_files(out)
     if found:
         raise UserError(f"output_dir {str(out)!r} already holds a run ({', '.join(found)}): choose another "
                         "output_dir, set resume_from_checkpoint: true to continue it, or overwrite_output_dir: true "
@@ -248,6 +289,7 @@ def load_model(model_args: ModelConfig, tokenizer, trust_remote_code: bool):
 def main(script_args: ScriptArguments, training_args: MiniDPOConfig, model_args: ModelConfig) -> dict:
     """One training run; returns summary.json's content (or `{"preempted": True, ...}` after SIGTERM). The main
     process holds `output_dir`'s lock for the whole run, so a second run there stops at once."""
+    resilience.check_launch(training_args)
     check_model_path(model_args)
     if not is_main_process():
         return _train(script_args, training_args, model_args)
@@ -263,6 +305,17 @@ def _train(script_args: ScriptArguments, training_args: MiniDPOConfig, model_arg
     check_output_dir(script_args, training_args)
     check_reporting(training_args)
     check_hub(training_args)
+    out = Path(training_args.output_dir)
+    if resilience.resume_request(training_args.resume_from_checkpoint) is True:
+        done = run_record.finished_summary(out, training_args)
+        if done is not None:
+            say(f"output_dir {str(out)!r} holds a finished run (step {done['global_step']} of {done['max_steps']}): "
+                "nothing to train, nothing written; raise max_steps or num_train_epochs to train it further")
+            return done
+    checkpoint = resilience.resolve_resume(training_args)
+    record = run_record.RunRecord(run_record.run_settings(script_args, training_args, model_args))
+    if checkpoint is not None:
+        record.resume(checkpoint, accept=script_args.accept_resume_changes)
     tokenizer = prepare_tokenizer(model_args, training_args.trust_remote_code)
     train, evals, n_rejected = load_pairs(script_args, tokenizer, training_args)
     if is_main_process():
@@ -279,25 +332,43 @@ def _train(script_args: ScriptArguments, training_args: MiniDPOConfig, model_arg
             eval_dataset=evals,
             processing_class=tokenizer,
             peft_config=get_peft_config(model_args),
-            callbacks=training_report.callbacks(training_args) + resilience.callbacks(training_args),
+            callbacks=(training_report.callbacks(training_args) + resilience.callbacks(training_args)
+                       + [record, run_record.NonFiniteGuard()]),
         )
     except ValueError as e:
         # TRL validates option combinations (loss types, PEFT targets, ...) when the trainer is built; errors
         # later, during training, keep their stack trace.
         raise UserError(str(e), code="bad_config") from None
+    record.attach(trainer)
     trainer.data_source, trainer.lines_rejected = script_args.dataset_name, n_rejected
     if evals is not None and trainer.accelerator.is_main_process:
         # what `minidpo eval` scores by default: the pairs this run held out, never ones it trained on
-        write_text_atomic(Path(training_args.output_dir) / loading.EVAL_PAIRS,
+        write_text_atomic(out / loading.EVAL_PAIRS,
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in evals))
-    checkpoint = resilience.resolve_resume(training_args)
     resilience.check_checkpoint_fits(checkpoint, trainer.accelerator.unwrap_model(trainer.model))
+    if script_args.overwrite_output_dir and trainer.accelerator.is_main_process:
+        # The earlier run's checkpoints would otherwise be what a later resume_from_checkpoint: true takes
+        gone = resilience.remove_checkpoints(out)
+        if gone:
+            say(f"overwrite_output_dir: removed the earlier run's {', '.join(gone)} from {out}")
+    trainer.accelerator.wait_for_everyone()
+    try:
+        return _run(trainer, script_args, model_args, checkpoint, n_rejected)
+    except Exception as e:
+        if isinstance(e, UserError) or not resilience.is_disk_full(e):
+            raise
+        raise resilience.disk_full(e, out, trainer.state.global_step) from None
+
+
+def _run(trainer, script_args: ScriptArguments, model_args: ModelConfig, checkpoint, n_rejected: int) -> dict:
+    """Train, evaluate, save, push: everything that writes the run's results."""
+    training_args, tokenizer = trainer.args, trainer.processing_class
     trainer.train(resume_from_checkpoint=checkpoint)
     if resilience.preempted(trainer):
         # Stopped by SIGTERM: a checkpoint is saved and the resume command printed. The run is not finished,
         # so no final evaluation, no model/summary in output_dir as if it were; exit 0.
         return {"preempted": True, "global_step": trainer.state.global_step, "final_eval": {}}
-    metrics = trainer.evaluate() if evals is not None else {}
+    metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
 
     out = Path(training_args.output_dir)
     trainer.save_model(str(out))
