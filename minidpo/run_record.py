@@ -39,8 +39,11 @@ def data_digest(path, splits=("train", "eval")) -> str:
     digest = hashlib.sha256()
     for f in files:
         digest.update(f"{f.name}\0".encode())
-        with open(f, "rb") as stream:
-            digest.update(hashlib.file_digest(stream, "sha256").digest())
+        try:
+            with open(f, "rb") as stream:
+                digest.update(hashlib.file_digest(stream, "sha256").digest())
+        except OSError as e:
+            raise UserError(f"dataset_name: cannot read {f}: {e.strerror or e}", code="missing_path") from None
     return digest.hexdigest()
 
 

@@ -71,12 +71,13 @@ class _Parser(TrlParser):
         raise UserError(message, code="bad_config")
 
     def set_defaults_with_config(self, **kwargs):
-        """YAML values become defaults without argparse's `type` check: a list or mapping where one value belongs
-        (`max_steps: [1, 2]`) would reach the dataclasses as is."""
+        """YAML values become defaults without argparse's `type` check: a list or mapping where a number belongs
+        (`max_steps: [1, 2]`) would reach the dataclasses as is. (Options that take a string or a list, such as
+        report_to, have no number type.)"""
         for action in self._actions:
             value = kwargs.get(action.dest)
-            if action.dest in kwargs and action.nargs in (None, "?") and isinstance(value, (list, dict)):
-                kind = {int: "a whole number", float: "a number"}.get(action.type, "one value")
+            if action.type in (int, float) and action.nargs in (None, "?") and isinstance(value, (list, dict)):
+                kind = "a whole number" if action.type is int else "a number"
                 raise UserError(f"{action.dest} takes {kind}, got {value!r} in the config file", code="bad_config")
         return super().set_defaults_with_config(**kwargs)
 
@@ -219,12 +220,8 @@ def prepare_tokenizer(model_args: ModelConfig, trust_remote_code: bool):
     return tokenizer
 
 
-def load_pairs(script_args: ScriptArguments, tokenizer, training_args: MiniDPOConfig):
-    """The train and eval pairs (memory-mapped `datasets.Dataset`s, eval None when there is none) of whatever
-    `dataset_name` points at, and the number of rejected lines: listed in output_dir/rejects.jsonl, never dropped.
-
-    The first process of each node validates and writes the pairs (`minidpo.prepared`); the others wait, then open
-    its files."""
+def dataset_path(script_args: ScriptArguments) -> Path:
+    """`dataset_name` as a path that exists; UserError when it is unset or missing."""
     if not script_args.dataset_name:
         raise UserError("set dataset_name: a MiniMind dpo.jsonl, a TRL jsonl, or a `minidpo convert` directory",
                         code="bad_config")
@@ -232,6 +229,16 @@ def load_pairs(script_args: ScriptArguments, tokenizer, training_args: MiniDPOCo
     if not path.exists():
         raise UserError(f"dataset_name {str(path)!r} does not exist (minidpo reads local files only)",
                         code="missing_path")
+    return path
+
+
+def load_pairs(script_args: ScriptArguments, tokenizer, training_args: MiniDPOConfig):
+    """The train and eval pairs (memory-mapped `datasets.Dataset`s, eval None when there is none) of whatever
+    `dataset_name` points at, and the number of rejected lines: listed in output_dir/rejects.jsonl, never dropped.
+
+    The first process of each node validates and writes the pairs (`minidpo.prepared`); the others wait, then open
+    its files."""
+    path = dataset_path(script_args)
     with training_args.main_process_first(local=True, desc="preparing the pairs"):
         data = prepared.prepare(path, tokenizer, splits=(script_args.dataset_train_split,
                                                         script_args.dataset_test_split),
@@ -313,6 +320,7 @@ def _train(script_args: ScriptArguments, training_args: MiniDPOConfig, model_arg
                 "nothing to train, nothing written; raise max_steps or num_train_epochs to train it further")
             return done
     checkpoint = resilience.resolve_resume(training_args)
+    dataset_path(script_args)  # named before its content is read for the run's record
     record = run_record.RunRecord(run_record.run_settings(script_args, training_args, model_args))
     if checkpoint is not None:
         record.resume(checkpoint, accept=script_args.accept_resume_changes)
