@@ -240,6 +240,8 @@ class NonFiniteGuard(TrainerCallback):
     logged training number (loss, grad_norm, rewards). The newest checkpoint is the last good one."""
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if args.fp16:
+            return  # fp16's loss scaling expects overflowing gradients now and then: it skips the step, lowers the scale
         if model is not None and not _all_finite(p.grad for p in model.parameters() if p.grad is not None):
             raise _stopped(args, state.global_step + 1, "the gradients are not finite (NaN or inf)")
 
@@ -248,8 +250,9 @@ class NonFiniteGuard(TrainerCallback):
             raise _stopped(args, state.global_step, "the weights are not finite (NaN or inf)")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        bad = sorted(k for k, v in (logs or {}).items()
-                     if isinstance(v, float) and not math.isfinite(v) and not k.startswith("eval_"))
+        skip = ("grad_norm",) if args.fp16 else ()  # an overflow step of fp16's loss scaling, skipped by it
+        bad = sorted(k for k, v in (logs or {}).items() if isinstance(v, float) and not math.isfinite(v)
+                     and not k.startswith("eval_") and k not in skip)
         if bad:
             raise _stopped(args, state.global_step, f"the logged {', '.join(bad)} is not finite")
 
