@@ -303,3 +303,30 @@ def test_a_world_size_the_process_group_does_not_have_is_refused(monkeypatch):
     monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     check_launch(SimpleNamespace(world_size=1, use_cpu=True))  # a plain single process
+
+
+def test_the_guard_leaves_fp16_overflow_steps_to_loss_scaling(tmp_path):
+    """fp16's GradScaler skips a step whose gradients overflow and lowers its scale: not a reason to stop. Without
+    loss scaling the same gradients stop the run."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from minidpo.errors import UserError
+    from minidpo.run_record import NonFiniteGuard
+
+    model = torch.nn.Linear(2, 2)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    state, control = SimpleNamespace(global_step=6), SimpleNamespace(should_save=False)
+    for fp16 in (True, False):
+        args = SimpleNamespace(fp16=fp16, output_dir=str(tmp_path), learning_rate=1e-3)
+        if fp16:
+            NonFiniteGuard().on_pre_optimizer_step(args, state, control, model=model)
+            NonFiniteGuard().on_log(args, state, control, logs={"grad_norm": float("inf"), "loss": 0.7})
+        else:
+            with pytest.raises(UserError, match="training stopped at step 7: the gradients are not finite.*no "
+                                                "checkpoint was saved before"):
+                NonFiniteGuard().on_pre_optimizer_step(args, state, control, model=model)
+            with pytest.raises(UserError, match="the logged grad_norm is not finite"):
+                NonFiniteGuard().on_log(args, state, control, logs={"grad_norm": float("inf"), "loss": 0.7})
