@@ -196,10 +196,16 @@ def disk_full(error: BaseException, output_dir, step: int) -> UserError:
     import shutil
 
     partial = Path(output_dir) / f"checkpoint-{step}"
-    removed = ""
+    removed = []
     if partial.is_dir() and checkpoint_problem(partial):
         shutil.rmtree(partial, ignore_errors=True)
-        removed = f"; removed the incomplete {partial.name}"
+        removed.append(partial.name)
+    for name in ("model.safetensors", "adapter_model.safetensors"):  # the final save, cut short
+        weights = Path(output_dir) / name
+        if weights.is_file() and not _safetensors_complete(weights):
+            weights.unlink()
+            removed.append(name)
+    removed = f"; removed the incomplete {', '.join(removed)}" if removed else ""
     found, _ = latest_checkpoint(output_dir)
     keep = (f"the newest complete checkpoint is {found}: free space and resume with resume_from_checkpoint: true"
             if found else "no complete checkpoint was saved: free space and start again")

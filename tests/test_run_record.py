@@ -330,3 +330,24 @@ def test_the_guard_leaves_fp16_overflow_steps_to_loss_scaling(tmp_path):
                 NonFiniteGuard().on_pre_optimizer_step(args, state, control, model=model)
             with pytest.raises(UserError, match="the logged grad_norm is not finite"):
                 NonFiniteGuard().on_log(args, state, control, logs={"grad_norm": float("inf"), "loss": 0.7})
+
+
+def test_a_full_disk_during_the_final_save_leaves_no_partial_model(tiny_assets, tmp_path, capfd, monkeypatch):
+    import transformers
+
+    real_save_model = transformers.Trainer.save_model
+    out = tmp_path / "run"
+
+    def save_model(self, output_dir=None, _internal_call=False):  # the final weights file stops half-way
+        if Path(output_dir) != out:
+            return real_save_model(self, output_dir, _internal_call)
+        (out / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"w\": ")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transformers.Trainer, "save_model", save_model)
+    assert train.run(argv(tiny_assets, out, "--max_steps", 2)) == 2
+    assert_one_line_error(capfd.readouterr().err, "no space left on the disk of output_dir",
+                          "removed the incomplete model.safetensors",
+                          f"the newest complete checkpoint is {out / 'checkpoint-2'}")
+    assert not (out / "model.safetensors").exists() and not (out / "summary.json").exists()
+    assert checkpoint_problem(out / "checkpoint-2") is None
