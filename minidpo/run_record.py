@@ -109,7 +109,7 @@ class RunRecord(TrainerCallback, ExportableState):
         self.resumes: list[dict] = []  # {"step", "checkpoint", "changed": {key: [before, after]}}
         self.totals = _zero_totals()
         self.trainer = None
-        self._lr_scale = None
+        self._resumed = False
         self._session = None  # this session: start time and step, loss over its logged steps
 
     # -- before training
@@ -134,10 +134,7 @@ class RunRecord(TrainerCallback, ExportableState):
                             "(summary.json and the model card then record both)", code="bad_checkpoint")
         if changed:
             say(f"resuming from {name} with changed settings, as accepted: {describe_changes(changed)}")
-        old_lr, new_lr = before.get("learning_rate"), self.settings.get("learning_rate")
-        if isinstance(old_lr, (int, float)) and old_lr > 0 and new_lr != old_lr:
-            # Trainer restores the optimizer and schedule of the checkpoint, which carry the old rate
-            self._lr_scale = new_lr / old_lr
+        self._resumed = True
         self.resumes = list(saved.get("resumes") or [])
         totals = saved.get("totals") if isinstance(saved.get("totals"), dict) else {}
         self.totals = {k: totals.get(k, v) for k, v in _zero_totals().items()}
@@ -178,9 +175,12 @@ class RunRecord(TrainerCallback, ExportableState):
                          "logged": state.global_step, "loss_sum": 0.0, "loss_steps": 0}
         # A checkpoint written without this callback has no entry, and Trainer's save looks the name up
         state.stateful_callbacks.setdefault(type(self).__name__, self.state())
-        if self._lr_scale is not None and optimizer is not None:
-            _scale_learning_rate(optimizer, lr_scheduler, self._lr_scale)
-            self._lr_scale = None
+        if self._resumed and optimizer is not None:
+            # Trainer has restored the checkpoint's optimizer and schedule, which carry the rate it was started with
+            restored = _base_learning_rate(optimizer, lr_scheduler)
+            if restored and not math.isclose(restored, args.learning_rate, rel_tol=1e-9):
+                _scale_learning_rate(optimizer, lr_scheduler, args.learning_rate / restored)
+            self._resumed = False
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         s, logs = self._session, logs or {}
@@ -194,6 +194,13 @@ class RunRecord(TrainerCallback, ExportableState):
             s["loss_sum"] += logs["loss"] * window
             s["loss_steps"] += window
             s["logged"] = state.global_step
+
+
+def _base_learning_rate(optimizer, scheduler) -> float | None:
+    """The learning rate the schedule is relative to (Trainer gives every parameter group the same one)."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # Accelerate's wrapper
+    base = getattr(inner, "base_lrs", None) or [g.get("initial_lr") for g in optimizer.param_groups]
+    return base[0] if base and isinstance(base[0], (int, float)) and base[0] > 0 else None
 
 
 def _scale_learning_rate(optimizer, scheduler, scale: float) -> None:
