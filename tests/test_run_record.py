@@ -112,8 +112,12 @@ def test_a_checkpoint_without_run_settings_needs_the_accept_option(tiny_assets, 
                           "accept_resume_changes: true")
     assert files(tmp_path) == before
     assert train.run(argv(tiny_assets, out, "--max_steps", 3, "--resume_from_checkpoint", "true",
-                          "--accept_resume_changes", "true")) == 0
+                          "--accept_resume_changes", "true", "--learning_rate", 0.001)) == 0
     assert summary(out)["global_step"] == 3
+    # no record to compare with: the rate is read from the restored schedule, and the run trains at the one given
+    history = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    assert [e["learning_rate"] for e in history if e.get("step") == 2] == [pytest.approx(5e-3)]
+    assert summary(out)["final_train"]["learning_rate"] == pytest.approx(1e-3)  # step 3's
 
 
 # ---------------------------------------------------------------------------------------------------------
