@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import time
+import weakref
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -143,8 +144,10 @@ class RunRecord(TrainerCallback, ExportableState):
 
     def attach(self, trainer) -> None:
         """Follow `trainer`'s token counter, continued from the checkpoint's count."""
+        global _attached
         self.trainer = trainer
         trainer._total_train_tokens = self.totals["train_tokens"]
+        _attached = weakref.ref(self)
 
     # -- what a checkpoint keeps (ExportableState)
     def state(self) -> dict:
@@ -171,6 +174,11 @@ class RunRecord(TrainerCallback, ExportableState):
 
     # -- during training
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        live = _attached()
+        if self.trainer is None and live is not None and live is not self:
+            # restore_callback_states_from_checkpoint: Trainer replaced the attached record with a copy built from
+            # the checkpoint's, which lacks this resume (its checks, the trainer, the accepted settings)
+            self.__dict__.update(live.__dict__)
         self._session = {"start": time.time(), "end": None, "step": state.global_step,
                          "logged": state.global_step, "loss_sum": 0.0, "loss_steps": 0}
         # A checkpoint written without this callback has no entry, and Trainer's save looks the name up
@@ -194,6 +202,9 @@ class RunRecord(TrainerCallback, ExportableState):
             s["loss_sum"] += logs["loss"] * window
             s["loss_steps"] += window
             s["logged"] = state.global_step
+
+
+_attached = lambda: None  # noqa: E731 -- the RunRecord attached to the running trainer (a weak reference)
 
 
 def _base_learning_rate(optimizer, scheduler) -> float | None:

@@ -355,3 +355,13 @@ def test_a_full_disk_during_the_final_save_leaves_no_partial_model(tiny_assets, 
                           f"the newest complete checkpoint is {out / 'checkpoint-2'}")
     assert not (out / "model.safetensors").exists() and not (out / "summary.json").exists()
     assert checkpoint_problem(out / "checkpoint-2") is None
+
+
+def test_the_record_survives_transformers_restoring_callback_states(tiny_assets, two_steps, four_steps, tmp_path):
+    """restore_callback_states_from_checkpoint makes Trainer rebuild the callback from the checkpoint: the resume
+    (its tokens, its entry in resumes) is still counted."""
+    out = copy_run(two_steps, tmp_path)
+    assert train.run(argv(tiny_assets, out, "--max_steps", 4, "--resume_from_checkpoint", "true",
+                          "--restore_callback_states_from_checkpoint", "true")) == 0
+    assert summary(out)["train_tokens"] == summary(four_steps)["train_tokens"]
+    assert [r["step"] for r in summary(out)["resumes"]] == [2]
