@@ -52,7 +52,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SHARED_TOKENIZER = Path(os.environ.get("MINIDPO_SHARED", REPO.parent / "shared")) / "tokenizers" / "minimind2"
+# MiniMind2's real tokenizer (vocab 6400), shipped with the repository (Apache-2.0, see its NOTICE): every shape,
+# the GPU machine's included, gets MiniMind2's vocabulary, never a silent stand-in.
+MINIMIND2_TOKENIZER = REPO / "assets" / "tokenizers" / "minimind2"
 SHAPES = {  # hidden, layers, heads, kv heads, intermediate; vocab from the tokenizer, embeddings tied
     "tiny": (64, 2, 4, 2, 176),
     "minimind2-small": (512, 8, 8, 2, 1408),
@@ -76,14 +78,9 @@ HANZI = "我们的模型训练数据偏好回答问题这个方法可以需要�
 # ------------------------------------------------------------------------------------------------ data and model
 
 def bench_tokenizer():
-    """MiniMind2's real tokenizer from ../shared when it is there, else the embedded one."""
-    if (SHARED_TOKENIZER / "tokenizer.json").exists():
-        from minidpo.models import load_tokenizer
+    from minidpo.models import load_tokenizer
 
-        return load_tokenizer(SHARED_TOKENIZER)
-    from minidpo.embedded import build_tokenizer
-
-    return build_tokenizer()
+    return load_tokenizer(MINIMIND2_TOKENIZER)
 
 
 def _text(rng: random.Random, tokenizer, n_tokens: int) -> str:
