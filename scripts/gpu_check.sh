@@ -62,10 +62,10 @@ if [ "$MODE" = cpu ]; then
   )
 else
   steps=(
-    "preflight|45|$PY scripts/gpu_preflight.py --require-gpu"
-    "tests|210|$PY -m pytest -q -s -p no:cacheprovider tests/test_gpu.py tests/test_contracts.py"
-    "bench-minimind2-small|80|$PY scripts/bench.py --shape minimind2-small --steps 8 --device cuda --json @OUT@/bench-minimind2-small.json"
-    "bench-minimind2|100|$PY scripts/bench.py --shape minimind2 --steps 8 --device cuda --json @OUT@/bench-minimind2.json"
+    "preflight|40|$PY scripts/gpu_preflight.py --require-gpu"
+    "tests|200|$PY -m pytest -q -s -p no:cacheprovider tests/test_gpu.py tests/test_contracts.py"
+    "bench-minimind2-small|95|$PY scripts/bench.py --shape minimind2-small --steps 8 --device cuda --json @OUT@/bench-minimind2-small.json"
+    "bench-minimind2|115|$PY scripts/bench.py --shape minimind2 --steps 8 --device cuda --json @OUT@/bench-minimind2.json"
   )
 fi
 

@@ -24,7 +24,11 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-PY312="${SIM_PYTHON:-$(command -v python3.12 || ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1 || true)}"
+# The first candidate that runs (a pyenv shim for a version not selected is on PATH but fails).
+PY312=""
+for c in ${SIM_PYTHON:-} python3.12 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12; do
+  if "$c" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2> /dev/null; then PY312="$(command -v "$c")"; break; fi
+done
 if [ -z "$PY312" ]; then
   PY312="$(command -v python3)"
   echo "gpu_simulate: no Python 3.12 here: simulating with $("$PY312" --version) (the device has 3.12.3; the wheels stay cp312)"
