@@ -44,8 +44,10 @@ why=""
 if ! command -v "$PY" > /dev/null; then
   why="no $PY on PATH"
 else
-  why="$("$PY" -c 'import torch, sys; ok = torch.cuda.is_available(); print("" if ok else f"torch {torch.__version__} sees no CUDA device (torch.cuda.is_available() is False)")' 2>&1 | tail -n 1)" \
-    || why="torch is not importable by $PY: $why"
+  # stdout only: a warning torch prints on stderr must not pass for the reason
+  if ! why="$("$PY" -c 'import torch; ok = torch.cuda.is_available(); print("" if ok else f"torch {torch.__version__} sees no CUDA device (torch.cuda.is_available() is False)")' 2> /dev/null)"; then
+    why="torch is not importable by $PY: $("$PY" -c 'import torch' 2>&1 | tail -n 1)"
+  fi
 fi
 if [ -z "$why" ]; then MODE=gpu
 elif [ "$REQUIRE_GPU" = 1 ]; then fail "--require-gpu: $why"
@@ -120,9 +122,9 @@ for s in "${steps[@]}"; do
   secs="$(since "$t0")"
   case "$name" in
     preflight) verdict="$(grep -c '^\[preflight\] ok ' "$log") ok, $(grep -c '^\[preflight\] FAIL' "$log") failed$(grep -m1 '^\[preflight\] FAILED' "$log" | sed 's/^\[preflight\] FAILED/:/')" ;;
-    tests) verdict="$(grep -E '^(=+ )?[0-9]+ (passed|failed|error|skipped|deselected)|no tests ran' "$log" | tail -n 1 | tr -d '=' | xargs)"
+    tests) verdict="$(grep -E '^(=+ )?[0-9]+ (passed|failed|error|skipped|deselected)|no tests ran' "$log" | tail -n 1 | tr -d '=' | sed 's/^ *//; s/ *$//')"
            bf16="$(grep '^bf16 - fp32' "$log" | paste -sd';' - | sed 's/;/; /g')"; [ -n "$bf16" ] && verdict="$verdict; $bf16" ;;
-    *) verdict="$(grep -m1 '^final loss against' "$log" || echo 'no loss-parity verdict (see the log)')" ;;
+    *) verdict="$(grep -m1 -E '^(final loss against|row .* failed)' "$log" || echo 'no loss-parity verdict (see the log)')" ;;
   esac
   record "$name" "$rc" "$secs" "$t" "${verdict:-no summary line (see the log)}"
 done
