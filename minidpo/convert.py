@@ -14,11 +14,12 @@ from collections import Counter
 from pathlib import Path
 
 from minidpo.errors import RecordError, UserError
-from minidpo.files import atomic_path, check_input_file, write_text_atomic
+from minidpo.files import atomic_path, check_input_file, remove_orphans, write_error
 from minidpo.masking import MASK_MODES, check_tokenizer, common_prefix, diagnose_pair
 from minidpo.records import in_eval_split, iter_jsonl_lines, parse_line, reject_entry, special_tokens
 
 _MAX_WARNINGS = 100  # warnings kept with their line numbers in stats.json; all are counted
+OUTPUT_FILES = ("train.jsonl", "eval.jsonl", "rejects.jsonl", "stats.json")
 
 
 class LengthStats:
@@ -77,23 +78,38 @@ def _outputs(out_dir: Path, names):
         yield {n: stack.enter_context(open(p, "w", encoding="utf-8", newline="\n")) for n, p in tmp.items()}
 
 
-def _prepare_output_dir(path: Path):
+def _prepare_output_dir(input_path: Path, path: Path, overwrite: bool) -> bool:
+    """Create `path` (True when this call created it). Refuse, before anything is written, an --output whose files
+    would replace the input itself (whatever --overwrite says: the only copy of the data would be gone) or files
+    already there unless `overwrite`."""
     if path.exists() and not path.is_dir():
         raise UserError(f"--output must be a directory, but {path} is a file", code="output_dir")
+    targets = [path / name for name in OUTPUT_FILES]
+    if any(t.exists() and t.samefile(input_path) for t in targets):
+        raise UserError(f"--output {path} would overwrite the input {input_path} itself: choose another --output",
+                        code="output_dir")
+    existing = [t.name for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise UserError(f"--output {path} already holds {', '.join(existing)}: pass --overwrite to replace them, or "
+                        "choose another --output", code="output_dir")
+    created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create output directory {path}: {e.strerror}", code="output_dir") from None
+    remove_orphans(path)  # temporaries of a convert killed mid-write
+    return created
 
 
 def convert_file(input_path, output_dir, tokenizer=None, max_length=None, mask_mode="minimind",
-                 eval_fraction=0.0, seed=0, strict=False, progress=True) -> dict:
+                 eval_fraction=0.0, seed=0, strict=False, progress=True, overwrite=False) -> dict:
     """Stream a MiniMind dpo.jsonl into DIR/{train,eval,rejects}.jsonl + DIR/stats.json; returns the stats.
 
     With a tokenizer, each pair also goes through `minidpo.masking.diagnose_pair`: fatal issues (nothing left
     to score after truncation, ...) reject the record, others are counted as warnings.
-    Raises UserError for an unusable input/tokenizer, when nothing converts, and on the first bad record
-    when `strict`.
+    Raises UserError for an unusable input/tokenizer, an output that holds files already (unless `overwrite`) or
+    is the input itself, a write that fails (disk full: nothing written is left), when nothing converts, and on
+    the first bad record when `strict`.
     """
     input_path, output_dir = Path(input_path), Path(output_dir)
     check_input_file(input_path)
@@ -105,13 +121,37 @@ def convert_file(input_path, output_dir, tokenizer=None, max_length=None, mask_m
         raise UserError(f"--mask-mode must be one of {', '.join(MASK_MODES)}, got {mask_mode!r}")
     specials = special_tokens(tokenizer)
     check = _pair_checker(tokenizer, max_length, mask_mode) if tokenizer is not None else None
-    _prepare_output_dir(output_dir)
+    created = _prepare_output_dir(input_path, output_dir, overwrite)
+    try:
+        stats = _convert(input_path, output_dir, check, specials, eval_fraction, seed, strict, progress)
+    except OSError as e:
+        # disk full, a read-only or vanished folder: the temporaries are gone (atomic_path) and nothing was renamed
+        # into place; a folder this call created goes too
+        if created:
+            with contextlib.suppress(OSError):
+                output_dir.rmdir()
+        raise write_error("the converted pairs", output_dir, e, "choose another --output") \
+            from None
+    if not stats["records_read"]:
+        raise UserError(f"no records in {input_path} (the file is empty or holds only blank lines)", code="bad_data")
+    if not stats["converted"]:
+        raise UserError(f"no record converted: all {stats['rejected']} rejected "
+                        f"({_reason_list(stats['rejected_by_reason'])}); see {output_dir / 'rejects.jsonl'}",
+                        code="bad_data")
+    return stats
+
+
+def _convert(input_path: Path, output_dir: Path, check, specials, eval_fraction: float, seed: int, strict: bool,
+             progress: bool) -> dict:
+    """The conversion itself, into an output directory that exists; returns the stats written to stats.json."""
 
     stats = {"input": str(input_path), "output_dir": str(output_dir), "lines_read": 0, "records_read": 0,
              "converted": 0, "train": 0, "eval": 0, "rejected": 0, "rejected_by_reason": Counter(),
              "warnings_by_code": Counter(), "warnings": []}
     lengths = {k: LengthStats() for k in ("prompt", "chosen", "rejected", "chosen_scored", "rejected_scored")}
-    names = ["train.jsonl", "rejects.jsonl"] + (["eval.jsonl"] if eval_fraction > 0 else [])
+    # stats.json first: the outputs are renamed into place in reverse order, so it comes last and vouches for the
+    # files beside it; a write that fails (disk full) leaves every earlier file as it was
+    names = ["stats.json", "train.jsonl", "rejects.jsonl"] + (["eval.jsonl"] if eval_fraction > 0 else [])
 
     from tqdm import tqdm
 
@@ -148,6 +188,9 @@ def convert_file(input_path, output_dir, tokenizer=None, max_length=None, mask_m
                 out[f"{split}.jsonl"].write(line + "\n")
                 stats[split] += 1
                 stats["converted"] += 1
+            assert stats["converted"] + stats["rejected"] == stats["records_read"], stats
+            stats = _final_stats(stats, lengths, check is not None, eval_fraction)
+            out["stats.json"].write(json.dumps(stats, ensure_ascii=False, indent=2) + "\n")
     finally:
         bar.close()
     if eval_fraction == 0:
@@ -156,14 +199,6 @@ def convert_file(input_path, output_dir, tokenizer=None, max_length=None, mask_m
         # an empty train.jsonl would look like output; rejects.jsonl and stats.json stay to explain why
         for name in ("train.jsonl", "eval.jsonl"):
             (output_dir / name).unlink(missing_ok=True)
-    assert stats["converted"] + stats["rejected"] == stats["records_read"], stats
-    stats = _write_stats(output_dir, stats, lengths, check is not None)
-    if not stats["records_read"]:
-        raise UserError(f"no records in {input_path} (the file is empty or holds only blank lines)", code="bad_data")
-    if not stats["converted"]:
-        raise UserError(f"no record converted: all {stats['rejected']} rejected "
-                        f"({_reason_list(stats['rejected_by_reason'])}); see {output_dir / 'rejects.jsonl'}",
-                        code="bad_data")
     return stats
 
 
@@ -176,13 +211,19 @@ def _add_lengths(lengths, enc):
     lengths["rejected_scored"].add(sum(enc["rejected_loss_mask"]))
 
 
-def _write_stats(output_dir: Path, stats: dict, lengths: dict, tokenized: bool) -> dict:
+def _final_stats(stats: dict, lengths: dict, tokenized: bool, eval_fraction: float) -> dict:
+    """stats.json's content: counters as plain dicts, most common first, token lengths, and the warning for a
+    held-out split the user asked for that came out empty (training would run without any evaluation)."""
+    if eval_fraction > 0 and stats["converted"] and not stats["eval"]:
+        stats["warnings_by_code"]["empty_eval_split"] += 1
+        stats["warnings"].append({"line": None, "code": "empty_eval_split", "message": (
+            f"--eval-fraction {eval_fraction} of {stats['converted']} pairs held out none: eval.jsonl is empty; "
+            f"raise it to at least {1 / stats['converted']:.2g}")})
     stats = dict(stats, rejected_by_reason=dict(stats["rejected_by_reason"].most_common()),
                  warnings_by_code=dict(stats["warnings_by_code"].most_common()))
     if tokenized:
         # "prompt" is the shared token prefix of the two rendered sides (the prompt plus any common answer start)
         stats["token_lengths"] = {k: v.summary() for k, v in lengths.items()}
-    write_text_atomic(output_dir / "stats.json", json.dumps(stats, ensure_ascii=False, indent=2) + "\n")
     return stats
 
 
@@ -203,4 +244,5 @@ def format_summary(stats: dict) -> str:
                          f"p99 {s['p99']} max {s['max']}")
     files = ["train.jsonl"] + (["eval.jsonl"] if stats["eval"] or (out / "eval.jsonl").exists() else [])
     lines.append("wrote " + ", ".join(str(out / f) for f in files + ["rejects.jsonl", "stats.json"]))
+    lines += [f"WARNING: {w['message']}" for w in stats["warnings"] if w["line"] is None]  # about the whole file
     return "\n".join(lines)

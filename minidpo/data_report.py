@@ -73,7 +73,7 @@ def analyse_records(splits: dict, tokenizer, max_length: int, mask_mode: str = "
     turns, seen, prompts_seen = {}, set(), set()
     n = longer = shorter = equal = duplicates = repeated_prompts = 0
     ratios, longest = [], []
-    truncated = answer_cut = nothing_to_score = 0
+    truncated = answer_cut = nothing_to_score = identical = 0
     for split, records in splits.items():
         for i, record in enumerate(records):
             n += 1
@@ -104,6 +104,8 @@ def analyse_records(splits: dict, tokenizer, max_length: int, mask_mode: str = "
                 cut = encode_pair(record, tokenizer, max_length=max_length, mask_mode=mask_mode)
                 if not is_scorable(cut):
                     nothing_to_score += 1
+                elif cut["chosen_input_ids"] == cut["rejected_input_ids"]:
+                    identical += 1  # the answers differ only beyond max_length: loss ln 2, nothing learnt
                 elif (sum(cut["chosen_loss_mask"]), sum(cut["rejected_loss_mask"])) != (c, r):
                     answer_cut += 1
             last_user = next((m["content"] for m in reversed(record["prompt"]) if m["role"] == "user"), "")
@@ -128,6 +130,7 @@ def analyse_records(splits: dict, tokenizer, max_length: int, mask_mode: str = "
         "truncation": {
             "max_length": max_length, "longer_than_max_length": truncated,
             "scored_tokens_cut": answer_cut, "nothing_left_to_score": nothing_to_score,
+            "identical_after_truncation": identical,
             "longest": [{"tokens": s, "split": sp, "index": i, "prompt_tokens": p, "chosen_scored": c,
                          "rejected_scored": r, "last_user_message": u} for s, sp, i, p, c, r, u in longest],
         },
@@ -225,7 +228,9 @@ def _report_markdown(rep: dict) -> str:
               f"## Truncation at max_length {tr['max_length']}", "",
               f"{tr['longer_than_max_length']} of {rep['pairs']} pairs are longer than max_length: "
               f"{tr['scored_tokens_cut']} lose scored answer tokens, {tr['nothing_left_to_score']} keep nothing "
-              "to score and would be dropped by the trainer.", "",
+              "to score and would be dropped by the trainer, "
+              f"{tr['identical_after_truncation']} are identical after truncation (chosen and rejected differ only "
+              "beyond max_length: they train at loss ln 2 and teach nothing).", "",
               "![sequence lengths](sequence_lengths.png)", "",
               "Longest pairs:", ""]
     lines += _md_table(["tokens", "split", "#", "prompt", "chosen scored", "rejected scored", "last user message"],
@@ -280,7 +285,8 @@ def format_data_report(report: dict, out: Path) -> str:
     lines.append(f"  chosen longer in {lb['share_chosen_longer']:.0%} of pairs, mean length ratio "
                  f"{lb['mean_length_ratio']:.2f}: {lb['advice']}")
     lines.append(f"  {tr['longer_than_max_length']:,} pairs longer than max_length {tr['max_length']} "
-                 f"({tr['nothing_left_to_score']:,} with nothing left to score); "
+                 f"({tr['nothing_left_to_score']:,} with nothing left to score, "
+                 f"{tr['identical_after_truncation']:,} identical after truncation); "
                  f"{report['duplicates']['exact_duplicate_pairs']:,} exact duplicates")
     lines.append(f"wrote {out / 'report.md'}, {out / 'report.json'} and {len(report['plots'])} plots")
     return "\n".join(lines)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
+import shutil
+import socket
 from pathlib import Path
 
 from minidpo.errors import UserError
@@ -14,17 +18,69 @@ def atomic_path(path):
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on an exception removed.
 
     The rename is atomic on one filesystem, so `path` is either its old content or the whole new one. The
-    temporary name is hidden and carries the pid, so concurrent writers do not share it.
+    temporary name (`temp_sibling`) is hidden and carries host and pid, so concurrent writers do not share it and
+    `remove_orphans` can tell one left by a killed process.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    tmp = temp_sibling(path, keep_suffix=True)
     try:
         yield tmp
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+def temp_sibling(path, keep_suffix: bool = False) -> Path:
+    """A hidden temporary name beside `path` naming this host and process: `.NAME.tmp-HOST-PID[SUFFIX]` (the
+    suffix kept for writers that pick a format by it, e.g. matplotlib)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}"
+                          f"{path.suffix if keep_suffix else ''}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process, alive
+        return True
+    return True
+
+
+def remove_orphans(folder) -> list:
+    """Remove the temporary files and folders (`temp_sibling` names) in `folder` that a process of this host left
+    when it was killed mid-write (its pid is gone); returns what was removed. Temporaries of live processes, and of
+    other hosts sharing the folder (their pids mean nothing here), are left alone."""
+    folder = Path(folder)
+    pattern = re.compile(rf"^\..+\.tmp-{re.escape(socket.gethostname())}-(\d+)(\.[^.]*)?$")
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:  # no folder yet (or unreadable: the caller's own write will say so)
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def write_error(what: str, path, error: Exception, advice: str) -> "UserError":
+    """The one-line `UserError` for a failed write of `what` to `path` (disk full, read-only, no permission, a file
+    where a folder belongs), with `advice` on what to change. `error` is an OSError, or what a writer that does its
+    own I/O raises instead (safetensors' SafetensorError names the OS error in its text)."""
+    reason = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [repr(error)])[0]
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+        reason, advice = "no space left on the device", f"free some space, or {advice}"
+    return UserError(f"cannot write {what} to {path}: {reason}; {advice}", code="write_failed")
 
 
 def cache_root() -> Path:

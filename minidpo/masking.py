@@ -20,6 +20,8 @@ Where MiniMind's search scores nothing or something odd, `diagnose_pair` says so
   - `unterminated_turn`: a span with no closing marker before the end of an untruncated sequence; MiniMind
     would score its padding too (we score up to the last real token).
   - `answer_truncated`: the final answer is cut by `max_length` (scored up to the cut, as MiniMind does).
+  - `identical_after_truncation`: chosen and rejected differ only beyond `max_length`, so both sides are the same
+    tokens: the pair trains at loss ln 2 (zero margin) and teaches nothing.
 """
 
 from __future__ import annotations
@@ -291,8 +293,19 @@ def diagnose_pair(record: dict, tokenizer, max_length: int | None = None, mask_m
     if truncation_mode not in TRUNCATION_MODES:
         raise RecordError("bad_truncation_mode", f"truncation_mode must be one of {TRUNCATION_MODES}, "
                                                  f"got {truncation_mode!r}")
-    if isinstance(record["prompt"], str):
-        return _encode_text_pair(record, tokenizer, max_length, truncation_mode)
+    out, issues = (_encode_text_pair(record, tokenizer, max_length, truncation_mode)
+                   if isinstance(record["prompt"], str) else
+                   _encode_messages_pair(record, tokenizer, max_length, mask_mode, truncation_mode))
+    if is_scorable(out) and all(out[f"chosen_{k}"] == out[f"rejected_{k}"] for k in ("input_ids", "loss_mask")):
+        # the answers differ only beyond max_length: both sides score the same tokens, the log-ratios cancel and
+        # the pair trains at loss ln 2, teaching nothing
+        issues = [*issues, Issue("identical_after_truncation", f"chosen and rejected are the same tokens after "
+                                 f"truncation to max_length {max_length} (they differ only beyond it): the pair "
+                                 "trains at loss ln 2 and teaches nothing")]
+    return out, issues
+
+
+def _encode_messages_pair(record: dict, tokenizer, max_length, mask_mode: str, truncation_mode: str):
     out, issues, full = {}, [], {}
     kwargs = template_kwargs(record)
     for side in SIDES:

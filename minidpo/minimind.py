@@ -7,13 +7,17 @@ export is the reverse with the same key names, cast to fp16.
 """
 
 import json
+import os
+import pickle
 import re
+import shutil
 from pathlib import Path
 
 import torch
 
+from minidpo import files
 from minidpo.errors import UserError
-from minidpo.models import load_causal_lm, load_tokenizer
+from minidpo.models import first_line, load_causal_lm, load_tokenizer
 
 # Values MiniMind's config uses that the tensors cannot tell us (MiniMindConfig defaults of each version).
 VERSIONS = {
@@ -41,14 +45,33 @@ def minimind_keys(version: str, num_layers: int) -> list[str]:
     return keys + ["model.norm.weight", "lm_head.weight"]
 
 
+def _not_a_torch_file(path: Path) -> str | None:
+    """Why `path` cannot be what `torch.save` writes (a zip archive, or a pickle in older torch), judged on its first
+    bytes; None when it may be one. torch's own message for other files is a paragraph, or a bare KeyError."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    if len(head) == 9 and head[8:9] == b"{":  # an 8-byte header length, then the JSON header
+        return "it is a safetensors file (a Transformers folder holding it is trained or exported as it is)"
+    return "it is empty" if not head else "it is neither a zip archive nor a pickle, the formats torch.save writes"
+
+
 def load_checkpoint(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist", code="missing_path")
+    what = "not a PyTorch checkpoint (MiniMind saves its weights with torch.save as out/*.pth)"
+    why = _not_a_torch_file(path)
+    if why:
+        raise UserError(f"{path} is {what}: {why}", code="bad_checkpoint")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
-    except Exception as e:
-        raise UserError(f"cannot read {path} as a PyTorch state_dict with weights_only=True: {e}",
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} holds Python objects besides tensors, which are not loaded (weights_only=True); "
+                        "MiniMind's out/*.pth hold only tensors", code="bad_checkpoint") from None
+    except Exception as e:  # noqa: BLE001 -- torch raises RuntimeError, KeyError, EOFError... for a damaged file
+        raise UserError(f"{path} is {what}: torch cannot read it ({type(e).__name__}: {first_line(e)})",
                         code="bad_checkpoint") from None
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
         sd = sd["model"]  # a MiniMind resume checkpoint ({"model", "optimizer", ...}) holds the weights under "model"
@@ -166,13 +189,44 @@ def build_config(arch: dict, tokenizer=None):
                architectures=[arch["architecture"]], **ids)
 
 
-def import_minimind(ckpt_path, tokenizer_dir, output_dir, version=None, **overrides) -> dict:
-    """Write a Transformers folder (model, tokenizer, generation config) from a MiniMind checkpoint."""
+def _check_import_output(output_dir: Path, inputs: list, overwrite: bool) -> None:
+    """Refuse an --output that holds the inputs (replacing it would delete them, whatever --overwrite says), a
+    file, or a folder with anything in it unless `overwrite` (an import into it would leave a mix of two models)."""
+    out = output_dir.resolve()
+    for p in inputs:
+        if p.resolve() == out or out in p.resolve().parents:
+            raise UserError(f"--output {output_dir} holds the input {p}: choose another --output", code="output_dir")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output {output_dir} is a file, not a folder", code="output_dir")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        held = sorted(p.name for p in output_dir.iterdir())
+        raise UserError(f"--output {output_dir} is not empty ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''})"
+                        ": pass --overwrite to replace it, or choose another --output", code="output_dir")
+
+
+def _replace_folder(tmp: Path, output_dir: Path) -> None:
+    """Put the complete folder `tmp` at `output_dir`, replacing what is there (the old one set aside, then
+    deleted), so a reader never sees a mix of the two."""
+    old = None
+    if output_dir.exists():
+        old = files.temp_sibling(output_dir.with_name(output_dir.name + ".old"))
+        os.replace(output_dir, old)
+    os.replace(tmp, output_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def import_minimind(ckpt_path, tokenizer_dir, output_dir, version=None, overwrite=False, **overrides) -> dict:
+    """Write a Transformers folder (model, tokenizer, generation config) from a MiniMind checkpoint.
+
+    The folder is written beside `output_dir` under a temporary name and renamed into place when whole; an
+    `output_dir` with files in it is refused unless `overwrite` (then replaced as a whole)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
+    output_dir, tokenizer_dir = Path(output_dir), Path(tokenizer_dir)
+    _check_import_output(output_dir, [Path(ckpt_path), tokenizer_dir], overwrite)
     sd = load_checkpoint(ckpt_path)
     arch = infer_architecture(sd, version=version, **{k: v for k, v in overrides.items() if v is not None})
-    tokenizer_dir = Path(tokenizer_dir)
     if not (tokenizer_dir / "tokenizer_config.json").is_file():
         raise UserError(f"{tokenizer_dir} is not a tokenizer folder (no tokenizer_config.json); "
                         "pass MiniMind's tokenizer folder, e.g. model/ in the MiniMind repo", code="bad_tokenizer")
@@ -190,8 +244,19 @@ def import_minimind(ckpt_path, tokenizer_dir, output_dir, version=None, **overri
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
                                                eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
+    from safetensors import SafetensorError
+
+    tmp = files.temp_sibling(output_dir)
+    try:
+        files.remove_orphans(output_dir.parent)  # folders of an import killed mid-write
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _replace_folder(tmp, output_dir)
+    except (OSError, SafetensorError) as e:  # the weights are written by safetensors' own (Rust) I/O
+        raise files.write_error("the imported model", output_dir, e, "choose another --output") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dict(arch, output_dir=str(output_dir))
 
 
@@ -211,11 +276,30 @@ def _load_for_export(model_dir: Path):
     return model.merge_and_unload() if adapter_config.is_file() else model
 
 
-def export_minimind(model_dir, output_path) -> dict:
-    """Write a model folder (or LoRA adapter, merged) as the fp16 state_dict MiniMind's scripts load."""
-    model_dir = Path(model_dir)
+def _check_export_output(model_dir: Path, output_path: Path, overwrite: bool) -> None:
+    """Refuse, before the model is loaded: a folder as --output, a file of the model folder itself, an existing
+    file unless `overwrite`, and a place that cannot be written."""
+    if output_path.is_dir():
+        raise UserError(f"--output {output_path} is a folder: give the file to write, e.g. "
+                        f"{output_path / 'dpo_512.pth'}", code="output_dir")
+    if output_path.exists() and output_path.resolve().parent == model_dir.resolve() and output_path.suffix != ".pth":
+        raise UserError(f"--output {output_path} is a file of the model folder itself: choose another --output",
+                        code="output_dir")
+    if output_path.exists() and not overwrite:
+        raise UserError(f"--output {output_path} exists: pass --overwrite to replace it, or choose another --output",
+                        code="output_dir")
+    parent = next((p for p in output_path.absolute().parents if p.exists()), Path("/"))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {output_path}: {parent} is not a writable folder", code="output_dir")
+
+
+def export_minimind(model_dir, output_path, overwrite=False) -> dict:
+    """Write a model folder (or LoRA adapter, merged) as the fp16 state_dict MiniMind's scripts load; an existing
+    `output_path` is replaced only with `overwrite`, atomically (a failed write leaves nothing)."""
+    model_dir, output_path = Path(model_dir), Path(output_path)
     if not model_dir.is_dir():
         raise UserError(f"{model_dir} is not a folder", code="missing_path")
+    _check_export_output(model_dir, output_path, overwrite)
     model = _load_for_export(model_dir)
     config = model.config
     version = MODEL_TYPES.get(config.model_type)
@@ -234,8 +318,11 @@ def export_minimind(model_dir, output_path) -> dict:
         extra, missing = sorted(set(sd) - set(expected)), sorted(set(expected) - set(sd))
         raise UserError(f"model keys do not map onto MiniMind's: extra {extra[:3]}, missing {missing[:3]}",
                         code="bad_model")
-    output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: sd[k] for k in expected}, output_path)
+    try:
+        with files.atomic_path(output_path) as tmp, open(tmp, "wb") as f:
+            # a Python file, so a failed write is an OSError with its errno (a path gives torch's RuntimeError)
+            torch.save({k: sd[k] for k in expected}, f)
+    except OSError as e:
+        raise files.write_error("the MiniMind checkpoint", output_path, e, "choose another --output") from None
     return dict(version=version, num_tensors=len(expected), output_path=str(output_path),
                 num_parameters=sum(p.numel() for p in model.parameters()))  # counts tied weights once

@@ -49,6 +49,19 @@ def ensure_pad_token(tokenizer) -> bool:
     return True
 
 
+def use_pad_token(tokenizer, pad_token: str | None) -> None:
+    """Pad with `pad_token` (DPOConfig's option) when given, as stock TRL does, else the tokenizer's own pad or eos.
+
+    Raises ValueError, one line, for a token the vocabulary lacks (TRL's check)."""
+    if pad_token is None:
+        ensure_pad_token(tokenizer)
+        return
+    if pad_token not in tokenizer.get_vocab():
+        raise ValueError(f"pad_token {pad_token!r} is not in the tokenizer's vocabulary: pick one of its tokens "
+                         "(e.g. its eos token) or leave pad_token unset")
+    tokenizer.pad_token = pad_token
+
+
 def load_causal_lm(name_or_path, what: str = "model", revision: str | None = None, dtype=None,
                    attn_implementation: str | None = None, trust_remote_code: bool = False):
     """A causal LM from a model folder, a LoRA adapter folder (its base loaded from the adapter config) or a Hub id.

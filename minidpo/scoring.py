@@ -33,6 +33,9 @@ PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "
 # What DPOTrainer asks of the policy's fused head (its loss and the entropy / logits / accuracy metrics).
 COMPACT_FIELDS = ("log_probs", "entropy", "mean_logits", "is_top1")
 PAIR_ATTENTION = "minidpo_pair_sdpa"
+# Part of every cache key of scored values (reference log-probs): bump it whenever the same model and pairs would
+# score differently (2: pair attention with windows, softcapping and sinks; packed rows only for proven families).
+SCORING_VERSION = "minidpo.scoring/2"
 # Set by `log_probs_only()`: forwards whose caller reads nothing but the log-probs (the reference precompute).
 _LOG_PROBS_ONLY = contextvars.ContextVar("minidpo_log_probs_only", default=False)
 # [tokens, vocab] elements of one fp32 logits tile in the compact head (64 MiB): bounds its memory for any vocabulary.
@@ -40,15 +43,16 @@ _TILE_ELEMENTS = 1 << 24
 
 
 def install_pair_forward(model, length_normalize: bool = True, share_prompt: bool = False,
-                         outputs: tuple[str, ...] = ("log_probs",)) -> None:
+                         outputs: tuple[str, ...] = ("log_probs",)) -> str | None:
     """Wrap the fused LM head (`model(..., labels=, fused_lm_head=True)`) for pair batches `[chosen; rejected]`.
 
     `outputs`: the per-token fields the caller asked TRL's head for. Rows to score are found from the labels TRL
-    passes (-100 = not scored), which are exactly our loss masks.
+    passes (-100 = not scored), which are exactly our loss masks. Returns why packed pair rows are off for this
+    model (`packed_rows_refusal`), None when `share_prompt` packs them.
     """
     fused_forward = model.forward
-    # Packed rows need the pair attention, built on sdpa: flash-attention and other kernels keep the two-row layout.
-    share_prompt = share_prompt and model.config._attn_implementation in ("sdpa", "eager")
+    refusal = packed_rows_refusal(model) if share_prompt else "share_prompt is off"
+    share_prompt = refusal is None
     plain_head = _plain_lm_head(model)
     text_config = model.config.get_text_config()
 
@@ -80,6 +84,7 @@ def install_pair_forward(model, length_normalize: bool = True, share_prompt: boo
         return out
 
     model.forward = forward
+    return refusal
 
 
 @contextlib.contextmanager
@@ -104,6 +109,34 @@ def _plain_lm_head(model) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ packed pair rows
+
+# Model types whose every layer mixes tokens only through Transformers' attention interface, with positions read from
+# `position_ids` (RoPE, learned absolute, or none): `pair_attention` reproduces their attention exactly, sliding
+# windows, softcapping and sinks included. tests/test_architectures.py proves each one against a plain forward of every
+# sequence alone; add a type here only with its entry there. The others keep two rows per pair: ALiBi families (Bloom,
+# MPT, Falcon) add position biases outside the interface, and Mamba, short-conv or linear-attention layers (Nemotron-H,
+# Falcon-H1, Jamba, Bamba, LFM2, Qwen3-Next) would carry the chosen answer's state into the rejected one.
+PACKED_ROW_FAMILIES = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
+    "cohere", "cohere2", "phi3", "gpt2", "opt", "smollm3", "olmo2", "gpt_oss", "deepseek_v3",
+})
+# Set by `_packed_forward` for the attention calls of one packed forward: the rows' layout and a count of the calls.
+_PAIR_LAYOUT = contextvars.ContextVar("minidpo_pair_layout", default=None)
+
+
+def packed_rows_refusal(model) -> str | None:
+    """Why packed pair rows would not be exact for `model` (None: they are)."""
+    config = model.config
+    text_config = config.get_text_config()
+    if config._attn_implementation not in ("sdpa", "eager"):
+        return f"attention implementation {config._attn_implementation!r} (packed rows run on sdpa or eager)"
+    if text_config is not config:
+        return f"{config.model_type} wraps a language model (packed rows are proven for causal LMs only)"
+    if config.model_type not in PACKED_ROW_FAMILIES:
+        return (f"model type {config.model_type!r} is not among the families proven exact with packed rows "
+                "(README: Architectures)")
+    return None
+
 
 def _can_share(kwargs) -> bool:
     ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
@@ -155,12 +188,18 @@ def _packed_forward(model, head, packed, labels, kwargs):
     config = model.config
     previous = config._attn_implementation
     config._attn_implementation = PAIR_ATTENTION  # read by every attention layer during this forward only
+    calls = [0]
+    token = _PAIR_LAYOUT.set((packed["layout"], calls))
     try:
         out = head(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
-                   position_ids=packed["position_ids"], labels=packed["labels"], minidpo_pairs=packed["layout"],
-                   **kwargs)
+                   position_ids=packed["position_ids"], labels=packed["labels"], **kwargs)
     finally:
+        _PAIR_LAYOUT.reset(token)
         config._attn_implementation = previous
+    layers = config.get_text_config().num_hidden_layers
+    if calls[0] != layers:  # a layer mixed tokens some other way: its values would be wrong, never return them
+        raise RuntimeError(f"packed pair rows: {calls[0]} pair-attention calls for {layers} layers in "
+                           f"{config.model_type}; set share_prompt: false and report this model type")
     scored = labels[:, 1:] != -100
     n = labels.size(0) // 2
     packed_row = torch.arange(2 * n, device=labels.device) % n
@@ -175,34 +214,75 @@ def _packed_forward(model, head, packed, labels, kwargs):
     return out
 
 
-def pair_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, minidpo_pairs=None,
-                   **kwargs):
-    """sdpa over packed pair rows (`_pack_pairs`), given their `(chosen end, shared prefix, row end)` layout.
+def pair_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                   softcap=None, s_aux=None, **kwargs):
+    """Attention over packed pair rows (`_pack_pairs`), exact for the layer's sliding window, logit softcapping
+    (Gemma 2) and sinks (GPT-OSS).
 
-    The chosen part is plain causal attention over itself. The rejected part attends to the shared prompt without
-    its last token (`[:p-1]`) and causally to itself: a lower-right causal mask over `m x (p-1+m)` keys. Padding
-    after the row end gets zeros. Without a layout (any other forward), this is Transformers' sdpa.
+    The chosen part is causal attention over itself. The rejected part attends to the shared prompt without its
+    last token (`[:p-1]`) and causally to itself, at the positions it has in its own sequence (`p-1` onwards), so a
+    window cuts exactly what it cuts there. Padding after the row end gets zeros. Outside a packed forward, this is
+    Transformers' sdpa.
     """
-    if minidpo_pairs is None:
+    state = _PAIR_LAYOUT.get()
+    if state is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    attend = functools.partial(F.scaled_dot_product_attention, scale=scaling,
-                               dropout_p=dropout if module.training else 0.0,
-                               enable_gqa=getattr(module, "num_key_value_groups", 1) > 1)
-    width = query.size(2)
+                                      sliding_window=sliding_window, softcap=softcap, s_aux=s_aux, **kwargs)
+    layout, calls = state
+    calls[0] += 1
+    attend = functools.partial(_attend, module, scaling=scaling, dropout=dropout if module.training else 0.0,
+                               softcap=softcap, sinks=s_aux)
+    width, dev = query.size(2), query.device
     rows = []
-    for i, (lc, p, end) in enumerate(minidpo_pairs):
+    for i, (lc, p, end) in enumerate(layout):
         q, k, v = query[i:i + 1], key[i:i + 1], value[i:i + 1]
-        chosen = attend(q[:, :, :lc], k[:, :, :lc], v[:, :, :lc], is_causal=True)
+        own = torch.arange(lc, device=dev)
+        chosen = attend(q[:, :, :lc], k[:, :, :lc], v[:, :, :lc], _visible(own, own, sliding_window))
         m = end - lc
-        sees = torch.ones(m, p - 1 + m, dtype=torch.bool, device=query.device).tril(diagonal=p - 1)
         rejected = attend(q[:, :, lc:end], torch.cat([k[:, :, :p - 1], k[:, :, lc:end]], dim=2),
-                          torch.cat([v[:, :, :p - 1], v[:, :, lc:end]], dim=2), attn_mask=sees)
+                          torch.cat([v[:, :, :p - 1], v[:, :, lc:end]], dim=2),
+                          _visible(torch.arange(p - 1, p - 1 + m, device=dev), torch.arange(p - 1 + m, device=dev),
+                                   sliding_window))
         rows.append(torch.cat([chosen, rejected, query.new_zeros(1, query.size(1), width - end, value.size(-1))],
                               dim=2))
     # Concatenated in sdpa's layout and transposed once: writing each part into a [batch, width, heads, dim] buffer
     # is slower, the backward then reading transposed gradients (commit cd23180).
     return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+def _visible(query_pos, key_pos, window):
+    """Which keys each query sees, by position: causal, and within the window (Transformers' sliding masks keep
+    `q - k < window`). None for plain causal attention over aligned positions (sdpa's own causal path)."""
+    if window is None or window >= len(key_pos):
+        if len(query_pos) == len(key_pos):
+            return None
+        window = None
+    distance = query_pos[:, None] - key_pos[None, :]
+    return (distance >= 0) & (distance < window) if window is not None else distance >= 0
+
+
+def _attend(module, q, k, v, visible, scaling, dropout, softcap, sinks):
+    """One attention call: sdpa when nothing else is needed, else the eager maths of the families that softcap their
+    scores (Gemma 2) or add a sink logit per head (GPT-OSS), as their own eager attention computes them."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if softcap is None and sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=visible is None, scale=scaling,
+                                              dropout_p=dropout, enable_gqa=groups > 1)
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = q @ k.transpose(2, 3) * (q.size(-1) ** -0.5 if scaling is None else scaling)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if visible is None:
+        visible = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    else:
+        scores = torch.cat([scores, sinks.reshape(1, -1, 1, 1).expand(q.size(0), -1, q.size(2), 1)], dim=-1)
+        scores = scores - scores.amax(dim=-1, keepdim=True)
+        probs = torch.softmax(scores, dim=-1, dtype=scores.dtype)[..., :-1]
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    return probs.to(v.dtype) @ v
 
 
 AttentionInterface.register(PAIR_ATTENTION, pair_attention)

@@ -53,6 +53,12 @@ class ScriptArguments(TrlScriptArguments):
         default=False, metadata={"help": "train into an output_dir that already holds another run (its files are "
                                          "overwritten); without it minidpo refuses, unless resume_from_checkpoint"})
 
+    def __post_init__(self):
+        # Refused here, at parse time: out of range, the split would hold out everything (or nothing) and the run
+        # would end later in a misleading "no usable training pair".
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
 
 class _Parser(TrlParser):
     """TrlParser whose mistakes are one-line `UserError`s: a value that does not parse (argparse's message, without
@@ -69,7 +75,10 @@ class _Parser(TrlParser):
         args = list(sys.argv[1:] if args is None else args)
         config = args[args.index("--config") + 1] if "--config" in args[:-1] else None
         try:
-            return super().parse_args_and_config(args, *rest, **kwargs)
+            if rest or kwargs:
+                return super().parse_args_and_config(args, *rest, **kwargs)
+            *parsed, from_config, from_cli = super().parse_args_and_config(
+                args, return_remaining_strings=True, separate_remaining_strings=True)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{config}, line {mark.line + 1}, column {mark.column + 1}" if mark else config
@@ -79,6 +88,27 @@ class _Parser(TrlParser):
             raise UserError(str(e), code="bad_config") from None
         except OSError as e:
             raise UserError(f"cannot read --config {config}: {e.strerror or e}", code="bad_config") from None
+        if from_config or from_cli:
+            raise UserError(self._unknown(from_config, config) or self._unknown(from_cli, None), code="bad_config")
+        return tuple(parsed)
+
+    def _unknown(self, leftover: list, config) -> str:
+        """The message for options no dataclass has (TrlParser's own advice, to set `fail_with_unknown_args`,
+        would ignore a typo and train with the default): each name, the closest real option, where it came from."""
+        import dataclasses
+        import difflib
+
+        if not leftover:
+            return ""
+        known = sorted({f.name for dc in self.dataclass_types for f in dataclasses.fields(dc)})
+        names = [s[2:].split("=")[0] for s in leftover if s.startswith("--")]
+        where = f" in {config}" if config else ""
+        if not names:
+            return f"unexpected argument(s){where}: {' '.join(leftover)} (options are --name value)"
+        hints = [f"{n} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(n, known, n=1)) else n
+                 for n in names]
+        return (f"unknown option{'s' if len(names) > 1 else ''}{where}: {', '.join(hints)}; "
+                "`minidpo train --help` lists every option")
 
 
 def make_parser(subparsers=None):
@@ -206,7 +236,18 @@ def load_pairs(script_args: ScriptArguments, tokenizer, training_args: MiniDPOCo
                 shutil.copyfile(data.rejects_file, tmp)
         say(f"rejected lines by reason: {data.reasons}; details in {out / 'rejects.jsonl'}")
     if not len(data.train):
-        raise UserError(f"no usable training pair in {path}", code="bad_data")
+        why = (f"all {n_eval} usable pairs are held out for evaluation (eval_fraction {script_args.eval_fraction})"
+               if n_eval and script_args.eval_fraction else data.why_empty())
+        where = f"; every line with its reason in {Path(training_args.output_dir) / 'rejects.jsonl'}"
+        raise UserError(f"no usable training pair in {path}: {why}{where if data.n_rejected else ''}",
+                        code="bad_data")
+    eval_file = (loading.split_path(path, script_args.dataset_test_split, data.fmt) if data.fmt == "convert-dir"
+                 else None)
+    if script_args.eval_fraction and not n_eval:
+        say(f"WARNING: eval_fraction {script_args.eval_fraction} of {len(data.train)} pairs holds out none: there is "
+            "no evaluation; raise eval_fraction")
+    elif eval_file is not None and not n_eval:  # e.g. `convert --eval-fraction 0.02` of 60 pairs
+        say(f"WARNING: {eval_file} holds no usable pair: there is no evaluation")
     return data.train, data.eval, data.n_rejected
 
 
@@ -217,10 +258,15 @@ def check_max_length(train, tokenizer, training_args: MiniDPOConfig, sample: int
     if max_length is None or not len(train):
         return
     picked = list(train.select(range(0, len(train), max(1, len(train) // sample))[:sample]))  # evenly spread
-    empty = 0
+    empty = same = 0
     for record in picked:
         enc = encode_pair(record, tokenizer, max_length=max_length, mask_mode=training_args.mask_mode)
         empty += not is_scorable(enc)
+        same += is_scorable(enc) and enc["chosen_input_ids"] == enc["rejected_input_ids"]
+    if same:
+        say(f"WARNING: {same} of {len(picked)} pairs checked are identical after truncation to max_length="
+            f"{max_length} (chosen and rejected differ only beyond it): they train at loss ln 2 and teach nothing; "
+            "`minidpo convert --tokenizer ... --max-length ...` lists them (identical_after_truncation)")
     share = empty / len(picked)
     if share <= 0.1:
         return
@@ -243,6 +289,23 @@ def load_model(model_args: ModelConfig, tokenizer, trust_remote_code: bool):
                            trust_remote_code=trust_remote_code)
     check_vocab(tokenizer, model)
     return model
+
+
+def check_lora_targets(model, model_args: ModelConfig) -> None:
+    """Each name in a `lora_target_modules` list matches a module of the model, as PEFT matches list entries (the
+    full name, or its last dotted parts). PEFT refuses only a list of which nothing matches: one typo in a list
+    would train adapters on the rest, without a word."""
+    targets = model_args.lora_target_modules
+    if not model_args.use_peft or not isinstance(targets, (list, tuple)):
+        return  # a single name or regex (TrlParser turns a one-item list into it), or "all-linear": PEFT checks
+    names = [n for n, _ in model.named_modules()]
+    unmatched = [t for t in targets if t != "all-linear" and not any(n == t or n.endswith(f".{t}") for n in names)]
+    if unmatched:
+        import torch
+
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise UserError(f"lora_target_modules: {', '.join(unmatched)} match{'es' if len(unmatched) == 1 else ''} no "
+                        f"module of the model (its linear layers: {', '.join(linear)})", code="bad_config")
 
 
 def main(script_args: ScriptArguments, training_args: MiniDPOConfig, model_args: ModelConfig) -> dict:
@@ -270,6 +333,7 @@ def _train(script_args: ScriptArguments, training_args: MiniDPOConfig, model_arg
         # the memory-mapped pairs into the reader (the kernel reads ahead around each row).
         check_max_length(train, tokenizer, training_args)
     model = load_model(model_args, tokenizer, training_args.trust_remote_code)
+    check_lora_targets(model, model_args)
 
     try:
         trainer = MiniDPOTrainer(

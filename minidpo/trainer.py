@@ -47,9 +47,10 @@ from minidpo import ref_cache, training_report
 from minidpo.console import say
 from minidpo.errors import UserError
 from minidpo.masking import MASK_MODES, TRUNCATION_MODES, encode_pair, is_scorable
-from minidpo.models import ensure_pad_token, load_tokenizer
+from minidpo.models import ensure_pad_token, load_tokenizer, use_pad_token
 from minidpo.pairs import PAIR_COLUMNS, REF_COLUMNS, PairCollator, pair_lengths
-from minidpo.scoring import COMPACT_FIELDS, expert_count, install_pair_forward, log_probs_only
+from minidpo.scoring import (COMPACT_FIELDS, SCORING_VERSION, expert_count, install_pair_forward,
+                             log_probs_only)
 
 logger = logging.get_logger(__name__)
 
@@ -220,11 +221,16 @@ class MiniDPOTrainer(DPOTrainer):
             raise TypeError(f"MiniDPOTrainer needs a MiniDPOConfig, got {type(args).__name__}")
         if processing_class is None:
             name = model if isinstance(model, str) else model.config._name_or_path
-            processing_class = load_tokenizer(name, trust_remote_code=args.trust_remote_code, local_only=False)
+            # the revision the model is loaded at, as stock TRL reads it (a model passed as an instance has none)
+            revision = (args.model_init_kwargs or {}).get("revision") if isinstance(model, str) else None
+            processing_class = load_tokenizer(name, revision=revision, trust_remote_code=args.trust_remote_code,
+                                              local_only=False)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        ensure_pad_token(tokenizer)
         if data_collator is None:
+            use_pad_token(tokenizer, args.pad_token)
             data_collator = PairCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
+        else:
+            ensure_pad_token(tokenizer)
         if args.ddp_find_unused_parameters is None and not isinstance(model, str):
             # Transformers would ask DDP to look for unused parameters (and warn each run that there were none):
             # only a mixture-of-experts model leaves some unused
@@ -239,6 +245,11 @@ class MiniDPOTrainer(DPOTrainer):
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
+        if args.pad_token is not None:  # the model agrees with the tokenizer on the pad token, as in stock TRL
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            unwrapped.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+            if getattr(unwrapped, "generation_config", None) is not None:
+                unwrapped.generation_config.pad_token_id = tokenizer.pad_token_id
         # After TRL added its fused LM head (and before any precompute ran, see _precompute_ref_logps).
         self._install_pair_forward()
 
@@ -278,7 +289,8 @@ class MiniDPOTrainer(DPOTrainer):
                                  share_prompt=self.args.share_prompt)
         # the fields TRL's DPOTrainer asks of each fused head: the policy's feed its metrics
         policy_outputs = COMPACT_FIELDS + (("log_sum_sq_probs",) if self.use_weighting else ())
-        wrap(self.model.get_base_model() if is_peft_model(self.model) else self.model, outputs=policy_outputs)
+        refusal = wrap(self.model.get_base_model() if is_peft_model(self.model) else self.model,
+                       outputs=policy_outputs)
         if self.ref_model is not None:
             ref = self.accelerator.unwrap_model(self.ref_model)
             wrap(ref)
@@ -293,6 +305,9 @@ class MiniDPOTrainer(DPOTrainer):
                     return pair_forward(*args, **kwargs)
 
             ref.forward = forward_under_autocast
+        if self.args.share_prompt:  # which scoring path runs, and why, once per run
+            say("scoring: packed pair rows (each pair's prompt once)" if refusal is None
+                else f"scoring: two rows per pair, not packed: {refusal}")
         self._pair_forward_installed = True
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
@@ -302,7 +317,8 @@ class MiniDPOTrainer(DPOTrainer):
             return super()._precompute_ref_logps(dataset, name, batch_size)  # TRL's refusal, its message
         # TRL precomputes inside its own __init__, before ours can patch the forward: patch first.
         self._install_pair_forward()
-        path = ref_cache.cache_file(self._precompute_model_hash, dataset, self.args)
+        scorer = self.accelerator.unwrap_model(self._precompute_model())
+        path = ref_cache.cache_file(self._precompute_model_hash, scorer, dataset, self.args)
         logps = ref_cache.read(path, self.accelerator)
         if logps is not None:
             logger.info(f"{name}: reference log-probs read from {path}")
@@ -407,7 +423,7 @@ class MiniDPOTrainer(DPOTrainer):
                 encode_kwargs.update(
                     new_fingerprint=Hasher.hash((dataset._fingerprint, tokenizer, args.max_length, args.mask_mode,
                                                  args.truncation_mode, args.length_normalize,
-                                                 "minidpo.encode_pair/2")),
+                                                 "minidpo.encode_pair/2", SCORING_VERSION)),
                     desc=f"Encoding {dataset_name} pairs ({args.mask_mode} masks)")
             dataset = dataset.map(
                 _encode_example, remove_columns=columns, **encode_kwargs,

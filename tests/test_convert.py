@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import (REPO, bad_input_lines, line, minimind_records, pair, read_jsonl, shared_path, subprocess_env,
-                     write_input)
+from helpers import (REPO, assert_one_line_error, bad_input_lines, line, minimind_records, pair, read_jsonl,
+                     shared_path, subprocess_env, write_input)
 from minidpo.convert import convert_file
 from minidpo.errors import UserError
 from minidpo.records import to_trl_record
@@ -66,7 +66,7 @@ def test_eval_split_is_deterministic_disjoint_and_close_to_the_fraction(tmp_path
     convert_file(src, tmp_path / "c", eval_fraction=0.1, seed=4, progress=False)
     assert keys(read_jsonl(tmp_path / "c" / "eval.jsonl")) != keys(ev)
     # Rerunning without a split removes the old eval.jsonl rather than leaving it to be loaded.
-    convert_file(src, tmp_path / "a", progress=False)
+    convert_file(src, tmp_path / "a", progress=False, overwrite=True)
     assert not (tmp_path / "a" / "eval.jsonl").exists()
 
 
@@ -185,3 +185,151 @@ def test_tokenizer_without_chat_template_is_a_user_error(tmp_path, minimind2):
     with pytest.raises(UserError, match="no_chat_template"):
         convert_file(src, tmp_path / "out", tokenizer=tok, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Never over its input or outputs it did not make; a failed write leaves nothing
+
+
+def _tree(root: Path) -> dict:
+    """Every file under `root`, hidden ones included, with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _run(capsys, *args) -> tuple:
+    """`minidpo ARGS` in this process: (exit status, stdout, stderr)."""
+    from minidpo.cli import main
+
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _source(tmp_path: Path, n: int = 5, name: str = "dpo.jsonl") -> Path:
+    src = tmp_path / name
+    src.write_bytes(b"".join(line(pair(f"q{i}", f"good {i}", f"bad {i}")) + b"\n" for i in range(n)))
+    return src
+
+
+def test_convert_never_writes_over_its_own_input(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    _source(data, name="train.jsonl")
+    before = _tree(tmp_path)
+    for extra in ([], ["--overwrite"]):
+        rc, _, err = _run(capsys, "convert", data / "train.jsonl", "--output", data, "--no-progress", *extra)
+        assert rc == 2
+        assert_one_line_error(err, "minidpo convert: error:", f"would overwrite the input {data / 'train.jsonl'} "
+                              "itself", "choose another --output")
+        assert _tree(tmp_path) == before
+
+
+def test_convert_replaces_earlier_outputs_only_with_overwrite(tmp_path, capsys):
+    src = _source(tmp_path)
+    assert _run(capsys, "convert", src, "--output", tmp_path / "out", "--no-progress")[0] == 0
+    _source(tmp_path, n=3)
+    before = _tree(tmp_path / "out")
+    rc, _, err = _run(capsys, "convert", src, "--output", tmp_path / "out", "--no-progress")
+    assert rc == 2
+    assert_one_line_error(err, "already holds train.jsonl, rejects.jsonl, stats.json", "pass --overwrite")
+    assert _tree(tmp_path / "out") == before
+    assert _run(capsys, "convert", src, "--output", tmp_path / "out", "--no-progress", "--overwrite")[0] == 0
+    assert len(read_jsonl(tmp_path / "out" / "train.jsonl")) == 3
+
+
+@pytest.fixture
+def disk_full(monkeypatch):
+    """Writes to convert's output files fail with ENOSPC after the first one, as on a full disk."""
+    import errno
+    import os
+
+    import minidpo.convert
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, text):
+            self.writes += 1
+            if self.writes > 1:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(text)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(minidpo.convert, "open", lambda *a, **k: Full(open(*a, **k)), raising=False)
+
+
+def test_a_full_disk_while_converting_is_one_line_and_leaves_nothing(tmp_path, capsys, disk_full):
+    src = _source(tmp_path)
+    before = _tree(tmp_path)
+    rc, _, err = _run(capsys, "convert", src, "--output", tmp_path / "new" / "out", "--no-progress")
+    assert rc == 2
+    assert_one_line_error(err, f"cannot write the converted pairs to {tmp_path / 'new' / 'out'}: "
+                               "no space left on the device")
+    assert _tree(tmp_path) == before and not (tmp_path / "new" / "out").exists()
+
+
+def test_a_full_disk_while_overwriting_keeps_the_earlier_outputs(tmp_path, capsys, monkeypatch):
+    import minidpo.convert
+
+    src = _source(tmp_path)
+    assert _run(capsys, "convert", src, "--output", tmp_path / "out", "--no-progress")[0] == 0
+    before = _tree(tmp_path)
+
+    def no_space(path, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(minidpo.convert, "open", no_space, raising=False)
+    rc, _, err = _run(capsys, "convert", src, "--output", tmp_path / "out", "--no-progress", "--overwrite")
+    assert rc == 2
+    assert_one_line_error(err, "no space left on the device")
+    assert _tree(tmp_path) == before  # the earlier outputs whole, no temporary left
+
+
+def test_an_empty_eval_split_is_a_warning(tmp_path, capsys):
+    from minidpo.records import in_eval_split
+
+    src = _source(tmp_path, n=60)
+    lines = [json.dumps(to_trl_record(json.loads(x)), ensure_ascii=False).encode()
+             for x in src.read_bytes().split(b"\n") if x]
+    seed = next(s for s in range(100) if not any(in_eval_split(x, s, 0.02) for x in lines))
+    rc, out, _ = _run(capsys, "convert", src, "--output", tmp_path / "out", "--eval-fraction", "0.02",
+                      "--seed", seed, "--no-progress")
+    assert rc == 0
+    assert "WARNING: --eval-fraction 0.02 of 60 pairs held out none: eval.jsonl is empty; raise it to at least " \
+           "0.017" in out
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["eval"] == 0 and stats["warnings_by_code"] == {"empty_eval_split": 1}
+
+
+def test_pairs_identical_after_truncation_are_counted_with_their_line(tmp_path):
+    from minidpo.embedded import build_tokenizer
+
+    src = tmp_path / "dpo.jsonl"
+    same_start = "The same long start of an answer. " * 8
+    src.write_bytes(line(pair("q", "short good", "short bad")) + b"\n" +
+                    line(pair("q", same_start + "good", same_start + "bad")) + b"\n")
+    stats = convert_file(src, tmp_path / "out", tokenizer=build_tokenizer(), max_length=40, progress=False)
+    assert stats["converted"] == 2 and stats["warnings_by_code"]["identical_after_truncation"] == 1
+    [w] = [w for w in stats["warnings"] if w["code"] == "identical_after_truncation"]
+    assert w["line"] == 2 and "loss ln 2" in w["message"]
+
+
+def test_what_a_killed_convert_left_goes_with_the_next_one(tmp_path, capsys):
+    """A convert killed mid-write (SIGKILL runs no cleanup) leaves its hidden temporaries; the next convert into
+    that folder removes them."""
+    import socket
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    orphan = out / f".train.jsonl.tmp-{socket.gethostname()}-{dead.pid}.jsonl"
+    orphan.write_text('{"half": ')
+    assert _run(capsys, "convert", _source(tmp_path), "--output", out, "--no-progress")[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["rejects.jsonl", "stats.json", "train.jsonl"]

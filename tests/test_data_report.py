@@ -57,6 +57,18 @@ def test_report_data_counts_pairs_left_with_nothing_to_score(small_base, convert
     assert tr["longer_than_max_length"] == 96 and tr["nothing_left_to_score"] == 96
 
 
+def test_report_data_counts_pairs_identical_after_truncation(small_base, tmp_path):
+    same_start = "The same long start of an answer. " * 8
+    records = [{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": same_start + end}],
+                "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": same_start + "bad"}]}
+               for end in ("good", "fine")]
+    path = tmp_path / "dpo.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    rep = data_report.report_data(path, small_base[1], tmp_path / "r", max_length=40)
+    assert rep["truncation"]["identical_after_truncation"] == 2
+    assert "2 are identical after truncation" in (tmp_path / "r" / "report.md").read_text()
+
+
 def test_report_data_errors(small_base, tmp_path, capsys):
     rc = cli.main(["report-data", str(tmp_path / "nope.jsonl"), "--tokenizer", str(small_base[0]), "--output",
                    str(tmp_path / "r")])

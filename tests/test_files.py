@@ -30,3 +30,33 @@ def test_check_input_file(tmp_path):
         check_input_file(tmp_path)
     (tmp_path / "ok.jsonl").write_text("{}\n")
     check_input_file(tmp_path / "ok.jsonl")
+
+
+def test_remove_orphans_takes_only_what_dead_processes_of_this_host_left(tmp_path):
+    """A writer killed mid-write leaves its temporary; the next writer removes it. Temporaries of a live process
+    (this one, another one) or of another host sharing the folder are left alone."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from minidpo.files import remove_orphans, temp_sibling
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that was ours and is gone
+    host = socket.gethostname()
+    orphan_file = tmp_path / f".train.jsonl.tmp-{host}-{dead.pid}.jsonl"
+    orphan_dir = tmp_path / f".abc123.tmp-{host}-{dead.pid}"
+    kept = [temp_sibling(tmp_path / "mine.json", keep_suffix=True),  # this process: alive
+            tmp_path / f".x.tmp-{host}-1",  # pid 1: alive
+            tmp_path / f".x.tmp-another-host-{dead.pid}",  # another host: its pids mean nothing here
+            tmp_path / "train.jsonl"]  # not a temporary
+    orphan_file.write_text("half")
+    orphan_dir.mkdir()
+    (orphan_dir / "train.arrow").write_bytes(b"half")
+    for p in kept:
+        p.write_text("x")
+    assert sorted(remove_orphans(tmp_path)) == sorted([orphan_file, orphan_dir])
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
+    assert remove_orphans(tmp_path / "missing") == []
+    assert os.getpid() != dead.pid

@@ -1,6 +1,7 @@
 """MiniMind checkpoint import/export: parity with MiniMind's own logits, exact round trips, clear errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,3 +225,157 @@ def test_reproduces_minimind_logits(tmp_path, version):
 
     export_minimind(tmp_path / "hf", tmp_path / "out.pth")
     assert_same(torch.load(ckpt, weights_only=True), torch.load(tmp_path / "out.pth", weights_only=True))
+
+
+# ---- never over an output it did not make; a non-checkpoint or a failed write is one line ----
+
+def _tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _cli(capsys, *args):
+    rc = main([str(a) for a in args])
+    return rc, capsys.readouterr().err
+
+
+def test_import_into_a_folder_with_files_needs_overwrite_and_then_replaces_it_whole(tmp_path, tiny_tokenizer,
+                                                                                      capsys):
+    from helpers import assert_one_line_error
+
+    ckpt = save(make_state_dict("minimind3"), tmp_path / "in.pth")
+    run = tmp_path / "run"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "summary.json").write_text("{}")
+    before = _tree(tmp_path)
+    args = ["import-minimind", ckpt, "--tokenizer", tiny_tokenizer, "--output", run]
+    rc, err = _cli(capsys, *args)
+    assert rc == 2
+    assert_one_line_error(err, f"--output {run} is not empty (checkpoint-2, summary.json): pass --overwrite")
+    assert _tree(tmp_path) == before
+    assert _cli(capsys, *args, "--overwrite")[0] == 0
+    assert not (run / "summary.json").exists() and not (run / "checkpoint-2").exists()  # no mix of two runs
+    assert (run / "config.json").is_file() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_import_never_writes_over_its_inputs(tmp_path, tiny_tokenizer, capsys):
+    from helpers import assert_one_line_error
+
+    out = tmp_path / "out"
+    out.mkdir()
+    ckpt = save(make_state_dict(), out / "full_sft_512.pth")
+    before = _tree(tmp_path)
+    rc, err = _cli(capsys, "import-minimind", ckpt, "--tokenizer", tiny_tokenizer, "--output", out, "--overwrite")
+    assert rc == 2
+    assert_one_line_error(err, f"--output {out} holds the input {ckpt}")
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("content,why", [
+    (b"hello, not a checkpoint\n", "neither a zip archive nor a pickle"),
+    (b"", "it is empty"),
+    (None, "it is a safetensors file"),
+])
+def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, tiny_tokenizer, capsys, content, why):
+    from helpers import assert_one_line_error
+
+    path = tmp_path / "model.pth"
+    if content is None:
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(2)}, path)
+    else:
+        path.write_bytes(content)
+    rc, err = _cli(capsys, "import-minimind", path, "--tokenizer", tiny_tokenizer, "--output", tmp_path / "hf")
+    assert rc == 2
+    assert_one_line_error(err, f"{path} is not a PyTorch checkpoint", why)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_checkpoint_holding_python_objects_is_one_line(tmp_path, tiny_tokenizer, capsys):
+    from helpers import assert_one_line_error
+
+    path = tmp_path / "objects.pth"
+    torch.save({"model": make_state_dict(), "args": __import__("argparse").Namespace(lr=1)}, path)
+    rc, err = _cli(capsys, "import-minimind", path, "--tokenizer", tiny_tokenizer, "--output", tmp_path / "hf")
+    assert rc == 2
+    assert_one_line_error(err, "holds Python objects besides tensors")
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory, tiny_tokenizer):
+    d = tmp_path_factory.mktemp("imported")
+    import_minimind(save(make_state_dict(), d / "in.pth"), tiny_tokenizer, d / "hf")
+    return d / "hf"
+
+
+def test_export_over_an_existing_file_needs_overwrite(tmp_path, imported, capsys):
+    from helpers import assert_one_line_error
+
+    target = tmp_path / "dpo_512.pth"
+    target.write_bytes(b"MiniMind's own file")
+    rc, err = _cli(capsys, "export-minimind", imported, "--output", target)
+    assert rc == 2
+    assert_one_line_error(err, f"--output {target} exists: pass --overwrite")
+    assert target.read_bytes() == b"MiniMind's own file"
+    assert _cli(capsys, "export-minimind", imported, "--output", target, "--overwrite")[0] == 0
+    assert list(torch.load(target, weights_only=True)) == minimind_keys("minimind2", 2)
+
+
+@pytest.mark.parametrize("where,needle", [
+    ("folder", "is a folder: give the file to write"),
+    ("read-only", "/sys/minidpo-test/dpo.pth"),  # sysfs: read-only, or refusing a new file
+    ("under-a-file", "is not a writable folder"),
+])
+def test_export_to_a_place_it_cannot_write_is_one_line(tmp_path, imported, capsys, where, needle):
+    from helpers import assert_one_line_error
+
+    (tmp_path / "a-file").write_text("x")
+    target = {"folder": tmp_path, "read-only": Path("/sys/minidpo-test/dpo.pth"),
+              "under-a-file": tmp_path / "a-file" / "dpo.pth"}[where]
+    before = _tree(tmp_path)
+    rc, err = _cli(capsys, "export-minimind", imported, "--output", target)
+    assert rc == 2
+    assert_one_line_error(err, "minidpo export-minimind: error:", needle)
+    assert _tree(tmp_path) == before
+
+
+def test_a_full_disk_while_exporting_leaves_nothing(tmp_path, imported, capsys, monkeypatch):
+    from helpers import assert_one_line_error
+
+    def full(obj, f):
+        f.write(b"PK\x03\x04 half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    rc, err = _cli(capsys, "export-minimind", imported, "--output", tmp_path / "out" / "dpo_512.pth")
+    assert rc == 2
+    assert_one_line_error(err, "cannot write the MiniMind checkpoint to", "no space left on the device")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_full_disk_while_importing_leaves_nothing(tmp_path, tiny_tokenizer, capsys, monkeypatch):
+    """safetensors writes the weights with its own I/O and reports a full disk as a SafetensorError, not an
+    OSError: one line all the same, no half folder, the earlier one (--overwrite) kept."""
+    from safetensors import SafetensorError
+    from transformers import PreTrainedModel
+
+    from helpers import assert_one_line_error
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "earlier.txt").write_text("kept")
+
+    def full(self, folder, **kwargs):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    before = _tree(tmp_path)
+    ckpt = save(make_state_dict(), tmp_path / "in.pth")
+    before[ckpt.name] = ckpt.read_bytes()
+    rc, err = _cli(capsys, "import-minimind", ckpt, "--tokenizer", tiny_tokenizer, "--output", out, "--overwrite")
+    assert rc == 2
+    assert_one_line_error(err, f"cannot write the imported model to {out}: no space left on the device")
+    assert _tree(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["hf", "in.pth"]

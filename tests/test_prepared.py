@@ -153,3 +153,96 @@ def test_two_processes_prepare_and_encode_once(tiny_assets, tmp_path):
     # the trainer's encoding map and its filter each wrote one cache file: rank 1 found rank 0's (a rank that
     # fingerprinted the work differently would have written its own)
     assert len(list(folder.glob("cache-*.arrow"))) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Keyed by content; nothing left behind
+
+
+def test_a_file_rewritten_with_the_same_size_and_mtime_is_prepared_again(tmp_path):
+    """A restore, `touch -r` or a sync tool can give new pairs the old file's size and modification time: the key
+    is the content, so the new pairs are trained on, not the old folder's."""
+    import os
+
+    from helpers import line, pair
+
+    src, cache = tmp_path / "dpo.jsonl", tmp_path / "cache"
+    src.write_bytes(line(pair("q", "good A", "bad A")) + b"\n")
+    stamp = src.stat()
+    old = prepared.prepare(src, None, cache_root=cache)
+    src.write_bytes(line(pair("q", "good B", "bad B")) + b"\n")  # same size
+    os.utime(src, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # what `touch -r` does
+    assert src.stat().st_size == stamp.st_size and src.stat().st_mtime_ns == stamp.st_mtime_ns
+    new = prepared.prepare(src, None, cache_root=cache)
+    assert new.folder != old.folder
+    assert [r["chosen"][0]["content"] for r in new.train] == ["good B"]
+    # the same bytes elsewhere are the same pairs: the folder is found again
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(src.read_bytes())
+    assert prepared.prepare(copy, None, cache_root=cache).folder == new.folder
+
+
+KILLED_BUILD = """
+import os, signal, sys
+from minidpo import prepared
+real = prepared.loading.iter_records
+def dying(path, tokenizer=None):
+    for i, item in enumerate(real(path, tokenizer)):
+        if i == 3:
+            os.kill(os.getpid(), signal.SIGKILL)  # no finally runs: what a kill -9 or the OOM killer does
+        yield item
+prepared.loading.iter_records = dying
+prepared.prepare(sys.argv[1], None, cache_root=sys.argv[2])
+"""
+
+
+def test_a_killed_build_leaves_no_orphan_once_the_next_one_runs(source, tmp_path):
+    cache = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-c", KILLED_BUILD, str(source), str(cache)], env=subprocess_env(),
+                          capture_output=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    [orphan] = list(cache.iterdir())
+    assert orphan.name.startswith(".") and ".tmp-" in orphan.name and not (orphan / "counts.json").exists()
+    data = prepared.prepare(source, None, cache_root=cache)
+    assert sorted(p.name for p in cache.iterdir()) == [data.folder.name]
+    assert list(data.train) == load_trl_records(source)[0]
+
+
+def test_an_unwritable_or_full_cache_is_one_line_and_leaves_nothing(source, tmp_path, monkeypatch):
+    from datasets.arrow_writer import ArrowWriter
+
+    from minidpo.errors import UserError
+
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(UserError, match=r"cannot write the prepared pairs to .*a-file/cache: Not a directory; "
+                                        "set dataset_cache_dir \\(or MINIDPO_CACHE\\)") as e:
+        prepared.prepare(source, None, cache_root=tmp_path / "a-file" / "cache")
+    assert "\n" not in e.value.message
+
+    def full(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ArrowWriter, "write", full)
+    with pytest.raises(UserError, match="cannot write the prepared pairs to .*: no space left on the device"):
+        prepared.prepare(source, None, cache_root=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []  # no temporary folder, no folder a reader would take
+
+
+def test_an_out_of_range_eval_fraction_is_refused(source, tmp_path):
+    from minidpo.errors import UserError
+
+    for bad in (1.0, 1.5, -0.5):
+        with pytest.raises(UserError, match=r"eval_fraction must be in \[0, 1\)"):
+            prepared.prepare(source, None, eval_fraction=bad, cache_root=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_why_nothing_is_usable_names_the_dominant_reason_and_its_first_line(tmp_path):
+    src = tmp_path / "trl.jsonl"
+    string_prompt = json.dumps({"prompt": "Hi", "chosen": [{"role": "assistant", "content": "a"}],
+                                "rejected": [{"role": "assistant", "content": "b"}]})
+    src.write_text(f'{{"chosen": [\n{string_prompt}\n{string_prompt}\n', encoding="utf-8")
+    data = prepared.prepare(src, None, cache_root=tmp_path / "cache")
+    assert len(data.train) == 0
+    assert data.why_empty() == ("all 3 lines rejected, 2 as bad_type (first: line 2: 'prompt' must be a list of "
+                                "messages (conversational format), got string)")

@@ -89,36 +89,67 @@ def test_log_probs_only_skips_the_metrics_not_the_values(monkeypatch, outputs):
     assert compact_calls[-1] == ("log_probs",)
 
 
-def _dense_pair_mask(layout, width):
-    """The row-level mask the pair attention stands for: chosen causal; rejected sees prompt[:p-1] and itself."""
+def _dense_pair_mask(layout, width, window=None):
+    """The row-level mask the pair attention stands for: chosen causal; rejected sees prompt[:p-1] and itself; with a
+    window, only keys whose position (in their own sequence) is less than `window` behind the query's."""
     masks = []
     for lc, p, end in layout:
         m = torch.zeros(width, width, dtype=torch.bool)
         m[:end, :end] = torch.ones(end, end, dtype=torch.bool).tril()
         m[lc:end, p - 1:lc] = False
         m[end:, :] = False
+        if window is not None:
+            pos = torch.cat([torch.arange(lc), torch.arange(p - 1, p - 1 + end - lc), torch.zeros(width - end)])
+            m &= (pos[:, None] - pos[None, :]) < window
         masks.append(m)
     return torch.stack(masks)[:, None]
 
 
-def test_pair_attention_matches_dense_mask():
+def _eager(q, k, v, mask, scale, softcap, sinks):
+    """Attention written out: scores, optional tanh softcap, mask, optional sink logit per head, softmax."""
+    scores = q @ k.transpose(-1, -2) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)], dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    return probs[..., :v.size(-2)] @ v
+
+
+@pytest.mark.parametrize("window", [None, 3, 40], ids=["no-window", "window-3", "window-longer-than-rows"])
+@pytest.mark.parametrize("softcap,with_sinks", [(None, False), (2.0, False), (None, True)],
+                         ids=["plain", "softcap", "sinks"])
+def test_pair_attention_matches_dense_mask(window, softcap, with_sinks):
     gen = torch.Generator().manual_seed(1)
     heads, kv_heads, dim, width = 4, 2, 8, 23
     layout = ((9, 4, 23), (7, 3, 15), (5, 5, 6))  # (chosen end, shared prefix, row end); last: empty rejected tail
     q = torch.randn(len(layout), heads, width, dim, generator=gen, dtype=torch.float64)
     k, v = (torch.randn(len(layout), kv_heads, width, dim, generator=gen, dtype=torch.float64) for _ in range(2))
+    sinks = torch.randn(heads, generator=gen, dtype=torch.float64) if with_sinks else None
     module = torch.nn.Module()
     module.num_key_value_groups = heads // kv_heads
     module.eval()
-    out, _ = scoring.pair_attention(module, q, k, v, None, scaling=0.5, minidpo_pairs=layout)
-    mask = _dense_pair_mask(layout, width)
+    calls = [0]
+    token = scoring._PAIR_LAYOUT.set((layout, calls))
+    try:
+        out, _ = scoring.pair_attention(module, q, k, v, None, scaling=0.5, sliding_window=window, softcap=softcap,
+                                        s_aux=sinks)
+    finally:
+        scoring._PAIR_LAYOUT.reset(token)
+    assert calls == [1]
+    mask = _dense_pair_mask(layout, width, window)
     rep = heads // kv_heads
-    expected = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
-                                              attn_mask=mask | ~mask.any(-1, keepdim=True), scale=0.5)
+    mask = mask | ~mask.any(-1, keepdim=True)  # padding rows: anything finite (checked to be zeros below)
+    expected = _eager(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), mask, 0.5, softcap, sinks)
     expected = expected.transpose(1, 2)
     for i, (_, _, end) in enumerate(layout):
         torch.testing.assert_close(out[i, :end], expected[i, :end])
         assert not out[i, end:].any()  # padding gets zeros, never NaN
+    if window == 3:  # the window cut something: without it the values differ
+        no_window = _eager(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                           _dense_pair_mask(layout, width) | ~mask.any(-1, keepdim=True), 0.5, softcap, sinks)
+        assert not torch.allclose(no_window.transpose(1, 2)[0, :9], out[0, :9])
 
 
 def test_every_fused_path_returns_length_averaged_log_probs():

@@ -192,6 +192,15 @@ def _a_file(tmp_path: Path) -> Path:
     return tmp_path / "a-file"
 
 
+def _string_prompts(tmp_path: Path) -> Path:
+    """A TRL file whose prompts are plain strings beside message lists: every line rejected as bad_type."""
+    path = tmp_path / "trl.jsonl"
+    record = {"prompt": "Hi", "chosen": [{"role": "assistant", "content": "Hello!"}],
+              "rejected": [{"role": "assistant", "content": "Go away."}]}
+    path.write_text("".join(json.dumps(record) + "\n" for _ in range(3)), encoding="utf-8")
+    return path
+
+
 def _in_use(tmp_path: Path) -> Path:
     """An output_dir whose lock a live process on this host holds (this one)."""
     import os
@@ -206,7 +215,18 @@ def _in_use(tmp_path: Path) -> Path:
 
 ERROR_CASES = {
     # name: (overrides as a function of (assets, tmp_path), words the one-line message must contain)
-    "unknown-config-key": (lambda a, t: {"lerning_rate": 1e-3}, ["lerning_rate"]),
+    "unknown-config-key": (lambda a, t: {"lerning_rate": 1e-3},
+                           ["unknown option in", "lerning_rate (did you mean learning_rate?)", "minidpo train --help"]),
+    "eval-fraction-above-one": (lambda a, t: {"eval_fraction": 1.5}, ["eval_fraction must be in [0, 1), got 1.5"]),
+    "eval-fraction-negative": (lambda a, t: {"eval_fraction": -0.5}, ["eval_fraction must be in [0, 1), got -0.5"]),
+    "trl-file-with-string-prompts": (lambda a, t: {"dataset_name": str(_string_prompts(t))},
+                                     ["no usable training pair in", "all 3 lines rejected as bad_type",
+                                      "'prompt' must be a list of messages", "rejects.jsonl"]),
+    "lora-target-with-a-typo": (lambda a, t: {"use_peft": True, "lora_target_modules": ["q_proj", "v_prj"]},
+                                ["lora_target_modules: v_prj matches no module", "v_proj"]),
+    "prepared-data-cache-not-writable": (lambda a, t: {"dataset_cache_dir": str(_a_file(t) / "cache")},
+                                         ["cannot write the prepared pairs to", "Not a directory",
+                                          "set dataset_cache_dir (or MINIDPO_CACHE)"]),
     "missing-dataset": (lambda a, t: {"dataset_name": str(t / "nowhere.jsonl")}, ["nowhere.jsonl", "does not exist"]),
     "dataset-in-neither-format": (lambda a, t: {"dataset_name": str(_neither_format(t))},
                                   ["neither.jsonl", "cannot tell the format", "prompt/chosen/rejected"]),
@@ -319,6 +339,70 @@ def test_max_length_dropping_some_pairs_warns(tiny_assets, tmp_path, capsys):
     tok = AutoTokenizer.from_pretrained(tiny_assets / "base")
     train.check_max_length(Dataset.from_list(records), tok, MiniDPOConfig(output_dir=str(tmp_path), max_length=64, report_to="none"))
     assert "WARNING: max_length=64 leaves nothing to score in 2 of 9 pairs" in capsys.readouterr().out
+
+
+def test_an_unwritable_minidpo_cache_is_one_line(tiny_assets, tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("MINIDPO_CACHE", str(_a_file(tmp_path) / "cache"))
+    cfg = write_config(tmp_path / "c.yaml", tiny_assets, tmp_path / "out")
+    before = _files(tmp_path)
+    assert train.run(["--config", str(cfg)]) == 2
+    assert_one_line_error(capfd.readouterr().err, f"cannot write the prepared pairs to {tmp_path / 'a-file'}",
+                          "Not a directory", "MINIDPO_CACHE")
+    assert _files(tmp_path) == before
+
+
+def test_an_out_of_range_eval_fraction_on_the_command_line_is_refused_at_parse_time(tiny_assets, tmp_path, capfd):
+    cfg = write_config(tmp_path / "c.yaml", tiny_assets, tmp_path / "out")
+    for bad in ("-0.5", "1.5", "1"):
+        assert train.run(["--config", str(cfg), "--eval_fraction", bad]) == 2
+        assert_one_line_error(capfd.readouterr().err, "eval_fraction must be in [0, 1)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_pairs_identical_after_truncation_are_warned(tiny_assets, tmp_path, capsys):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from minidpo.trainer import MiniDPOConfig
+
+    same_start = "The same long start of an answer. " * 10
+    records = [{"prompt": [{"role": "user", "content": "Tell me about the moon."}],
+                "chosen": [{"role": "assistant", "content": same_start + end}],
+                "rejected": [{"role": "assistant", "content": same_start + "Go away."}]}
+               for end in ("The moon orbits the earth.", "It is made of rock.")]
+    records.append({"prompt": records[0]["prompt"], "chosen": [{"role": "assistant", "content": "The moon."}],
+                    "rejected": [{"role": "assistant", "content": "Go away."}]})
+    tok = AutoTokenizer.from_pretrained(tiny_assets / "base")
+    train.check_max_length(Dataset.from_list(records), tok,
+                           MiniDPOConfig(output_dir=str(tmp_path), max_length=64, report_to="none"))
+    assert "WARNING: 2 of 3 pairs checked are identical after truncation to max_length=64" in capsys.readouterr().out
+
+
+def test_an_eval_fraction_that_holds_out_nothing_is_a_warning(tiny_assets, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from helpers import line, pair
+
+    src = tmp_path / "dpo.jsonl"
+    src.write_bytes(b"".join(line(pair(f"q{i}", f"good {i}", f"bad {i}")) + b"\n" for i in range(3)))
+    from minidpo.loading import is_eval, load_trl_records
+
+    records = load_trl_records(src)[0]
+    seed = next(s for s in range(100) if not any(is_eval(r, 0.02, s) for r in records))
+    script_args, training_args, _ = train.parse(["--dataset_name", str(src), "--output_dir", str(tmp_path / "out"),
+                                                 "--eval_fraction", "0.02", "--eval_split_seed", str(seed)])
+    tok = AutoTokenizer.from_pretrained(tiny_assets / "base")
+    train_set, evals, _ = train.load_pairs(script_args, tok, training_args)
+    assert len(train_set) == 3 and evals is None
+    assert "WARNING: eval_fraction 0.02 of 3 pairs holds out none: there is no evaluation" in capsys.readouterr().out
+    # a convert directory whose eval.jsonl came out empty
+    (tmp_path / "conv").mkdir()
+    (tmp_path / "conv" / "train.jsonl").write_bytes(src.read_bytes())
+    (tmp_path / "conv" / "eval.jsonl").write_bytes(b"")
+    script_args, training_args, _ = train.parse(["--dataset_name", str(tmp_path / "conv"), "--output_dir",
+                                                 str(tmp_path / "out")])
+    assert train.load_pairs(script_args, tok, training_args)[1] is None
+    assert f"WARNING: {tmp_path / 'conv' / 'eval.jsonl'} holds no usable pair" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------------

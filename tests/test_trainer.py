@@ -540,3 +540,39 @@ def test_minimind_order_under_ddp_is_distributed_samplers(n):
             minimind.set_epoch(epoch)
             share = list(minimind)
             assert dealt == [share[i:i + batch] for i in range(0, len(share), batch)], (epoch, rank)
+
+
+def test_pad_token_option_pads_as_stock_trl_does(tmp_path):
+    """DPOConfig.pad_token: the collator pads with it and the model's config learns it; one the vocabulary lacks is
+    refused in one line."""
+    tok = build_tokenizer()
+    data = records(False)
+    args = MiniDPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none", max_length=512,
+                         pad_token=tok.eos_token)
+    trainer = MiniDPOTrainer(build_tiny_model(tok, seed=0), ref_model=build_tiny_model(tok, seed=0), args=args,
+                             train_dataset=Dataset.from_list(data), processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    padding = batch["attention_mask"] == 0
+    assert padding.any() and (batch["input_ids"][padding] == tok.eos_token_id).all()
+    assert tok.eos_token_id != build_tokenizer().pad_token_id
+    assert trainer.model.config.pad_token_id == tok.eos_token_id
+    args.pad_token = "<not-a-token>"
+    with pytest.raises(ValueError, match="pad_token '<not-a-token>' is not in the tokenizer's vocabulary"):
+        MiniDPOTrainer(build_tiny_model(tok, seed=0), ref_model=build_tiny_model(tok, seed=0), args=args,
+                       train_dataset=Dataset.from_list(data), processing_class=build_tokenizer())
+
+
+def test_tokenizer_is_loaded_at_the_models_revision(tmp_path, monkeypatch):
+    """A model named by path with model_init_kwargs' revision gets the tokenizer of that revision, as in stock TRL."""
+    from minidpo import trainer as trainer_module
+
+    tok = build_tokenizer(tmp_path / "base")
+    build_tiny_model(tok, seed=0).save_pretrained(tmp_path / "base")
+    asked = []
+    real = trainer_module.load_tokenizer
+    monkeypatch.setattr(trainer_module, "load_tokenizer",
+                        lambda name, revision=None, **kw: asked.append(revision) or real(name, **kw))
+    args = MiniDPOConfig(output_dir=str(tmp_path / "out"), report_to="none", max_length=512,
+                         model_init_kwargs={"revision": "v1.0"}, precompute_ref_log_probs=False)
+    MiniDPOTrainer(str(tmp_path / "base"), args=args, train_dataset=Dataset.from_list(records(False)))
+    assert asked == ["v1.0"]

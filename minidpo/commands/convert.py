@@ -20,6 +20,8 @@ def make_parser(subparsers=None) -> argparse.ArgumentParser:
     parser.add_argument("--eval-fraction", type=float, default=0.0, help="share of records for eval.jsonl (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the deterministic train/eval split")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the train/eval/rejects.jsonl and stats.json already in --output")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -31,6 +33,6 @@ def main(args) -> int:
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     stats = convert_file(args.input, args.output, tokenizer=tokenizer, max_length=args.max_length,
                          mask_mode=args.mask_mode, eval_fraction=args.eval_fraction, seed=args.seed,
-                         strict=args.strict, progress=not args.no_progress)
+                         strict=args.strict, progress=not args.no_progress, overwrite=args.overwrite)
     print(format_summary(stats))
     return 0

@@ -15,6 +15,7 @@ def make_parser(subparsers=None) -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", required=True,
                         help="MiniMind's tokenizer folder (model/, or model/minimind_tokenizer/ in older MiniMind)")
     parser.add_argument("--output", required=True, help="folder to write the Transformers model to")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output when it holds files already")
     parser.add_argument("--version", choices=list(VERSIONS), help="MiniMind version (default: detected from the keys)")
     parser.add_argument("--head-dim", type=int, help="attention head size (default: inferred)")
     parser.add_argument("--rope-theta", type=float, help="RoPE base (default: the version's, 1e6)")
@@ -27,8 +28,8 @@ def make_parser(subparsers=None) -> argparse.ArgumentParser:
 def main(args) -> int:
     from minidpo.minimind import import_minimind
 
-    s = import_minimind(args.checkpoint, args.tokenizer, args.output, version=args.version, head_dim=args.head_dim,
-                        rope_theta=args.rope_theta, rms_norm_eps=args.rms_norm_eps,
+    s = import_minimind(args.checkpoint, args.tokenizer, args.output, version=args.version, overwrite=args.overwrite,
+                        head_dim=args.head_dim, rope_theta=args.rope_theta, rms_norm_eps=args.rms_norm_eps,
                         max_position_embeddings=args.max_position_embeddings)
     how = "given" if args.version else "detected"
     print(f"{how} {s['version']} -> {s['architecture']}: hidden {s['hidden_size']}, {s['num_hidden_layers']} layers, "

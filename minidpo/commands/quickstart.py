@@ -45,7 +45,7 @@ def quickstart(output="quickstart-output", pairs=1000, eval_fraction=0.1, seed=0
     print(f"[2/4] {pairs} MiniMind-format preference pairs -> {out / 'dpo.jsonl'}; converting")
     raw = embedded.write_jsonl(embedded.make_preference_records(pairs, seed=seed), out / "dpo.jsonl")
     stats = convert_file(raw, out / "data", tokenizer=tokenizer, max_length=256, eval_fraction=eval_fraction,
-                         seed=seed, progress=False)
+                         seed=seed, progress=False, overwrite=True)  # everything under OUTPUT is regenerated
     print(format_summary(stats))
     report = data_report.report_data(out / "data", tokenizer, out / "report", max_length=256,
                                      tokenizer_name=str(out / "base-model"))
