@@ -7,9 +7,10 @@
 #    5.17, accelerate 1.15, pyarrow, ... Whatever the resolver adds that the device lacks and the wheels carry
 #    (pydantic, for one) is removed again, so the carried copies are the ones used. Kept between runs.
 # 2. scripts/gpu_wheels.sh: the carried wheels into .whl/.
-# 3. scripts/gpu_check.sh --cpu with the venv's python3 first on PATH, no PYTHONPATH, and the network cut
-#    (`unshare -n`, where this user may): the wheels unpacked offline, the preflight, the gpu tests that run on a
-#    CPU plus the contracts, and a tiny bench. What it cannot show: CUDA, Triton, FSDP2/ZeRO on a GPU, speeds.
+# 3. With the venv's python3 first on PATH, no PYTHONPATH and the network cut (`unshare -n`, where this user may):
+#    README's device call itself, which without CUDA must stop at once with exit 2 and its reason; then
+#    scripts/gpu_check.sh --cpu: the wheels unpacked offline, the preflight, the gpu tests that run on a CPU plus
+#    the contracts, and a tiny bench. What it cannot show: CUDA, Triton, FSDP2/ZeRO on a GPU, speeds.
 # Never run by the tests (it downloads about 4 GB the first time); it never touches the python it is started from.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,16 +57,28 @@ absent="$(for n in $carried; do grep -qiE "^$n(==|$)" scripts/gpu_device.txt || 
 echo "gpu_simulate: $VENV has none of: $absent"
 "$VENV/bin/python" -c 'import torch, transformers, accelerate, sys; print(f"gpu_simulate: device-like python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, accelerate {accelerate.__version__}")'
 
-run=(env -u PYTHONPATH PATH="$VENV/bin:$PATH" bash scripts/gpu_check.sh --cpu --out "$OUT_DIR")
+# The device machine's view: its python3 first on PATH, no PYTHONPATH, the network cut where this user may.
+device=(env -u PYTHONPATH PATH="$VENV/bin:$PATH")
 if unshare -n true 2> /dev/null; then
   echo "gpu_simulate: network cut (unshare -n): only the loopback interface"
-  run=(unshare -n bash -c 'ip link set lo up 2> /dev/null; exec "$@"' _ "${run[@]}")
+  device=(unshare -n bash -c 'ip link set lo up 2> /dev/null; exec "$@"' _ "${device[@]}")
 else
   echo "gpu_simulate: unshare -n is not allowed here: the network stays up (HF_HUB_OFFLINE and --no-index still apply)"
 fi
-rm -rf "$OUT_DIR"
 set +e
-"${run[@]}"
+
+# README's device call itself, as the device tool would run it: without CUDA it must stop at once, exit 2, reason given.
+call="$("$VENV/bin/python" -c 'import json, re, sys; s = open("README.md").read(); s = s[s.index("### On a GPU"):]
+print(json.loads(re.search(r"```json\n(\{.*?\})\n```", s, re.S).group(1))["command"])')"
+echo "gpu_simulate: README's device call: $call"
+rm -rf "$OUT_DIR.call"
+"${device[@]}" OUT="$OUT_DIR.call" bash -c "$call"
+rc=$?
+if [ $rc != 2 ] || [ -e "$OUT_DIR.call" ]; then echo "gpu_simulate: error: the device call exited $rc without CUDA (expected 2, nothing written)" >&2; exit 1; fi
+echo "gpu_simulate: without CUDA the device call exits 2 with its reason, as it must"
+
+rm -rf "$OUT_DIR"
+"${device[@]}" bash scripts/gpu_check.sh --cpu --out "$OUT_DIR"
 rc=$?
 echo "gpu_simulate: gpu_check.sh --cpu exited $rc; $(ls "$OUT_DIR" | wc -l) files in $OUT_DIR: $(ls "$OUT_DIR" | tr '\n' ' ')"
 exit $rc
