@@ -106,8 +106,10 @@ def checkpoint_problem(path) -> str | None:
         return "not a directory"
     try:
         state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-        if "global_step" not in state:
+        if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
             return "trainer_state.json has no global_step"
+        if not isinstance(state.get("log_history", []), list):
+            return "trainer_state.json's log_history is not a list"
     except FileNotFoundError:
         return "no trainer_state.json (Trainer writes it last: the save was interrupted)"
     except (OSError, ValueError) as e:
@@ -148,6 +150,72 @@ def latest_checkpoint(output_dir) -> tuple[str | None, list[tuple[str, str]]]:
             return str(path), skipped
         skipped.append((str(path), problem))
     return None, skipped
+
+
+# Files that mean an output directory already holds a run (a finished model or a checkpoint of one).
+RUN_MARKERS = ("summary.json", "trainer_state.json", "training_args.bin", "model.safetensors",
+               "adapter_model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+
+
+def run_files(output_dir) -> list[str]:
+    """The files and checkpoint folders in `output_dir` that belong to a run (the first three checkpoints)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    return [m for m in RUN_MARKERS if (out / m).exists()] + sorted(p.name for p in out.glob("checkpoint-*"))[:3]
+
+
+def remove_checkpoints(output_dir) -> list[str]:
+    """Remove every checkpoint-N folder of `output_dir` (overwrite_output_dir: none may be resumed as if it were
+    the new run's); returns their names."""
+    import shutil
+
+    out = Path(output_dir)
+    gone = sorted((p for p in out.glob("checkpoint-*") if p.is_dir() and _CHECKPOINT.match(p.name)),
+                  key=lambda p: int(p.name.split("-")[1])) if out.is_dir() else []
+    for p in gone:
+        shutil.rmtree(p)
+    return [p.name for p in gone]
+
+
+# What a full disk (or quota) looks like from Python's, torch's and safetensors' writers
+_DISK_FULL = ("No space left on device", "Disk quota exceeded", "StorageFull", "file write failed")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    import errno
+
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(text in str(error) for text in _DISK_FULL)
+
+
+def disk_full(error: BaseException, output_dir, step: int) -> UserError:
+    """The one line for a write that found the disk full during training or the final save; the checkpoint being
+    written (incomplete) is removed, so only complete ones are left."""
+    import shutil
+
+    partial = Path(output_dir) / f"checkpoint-{step}"
+    removed = []
+    if partial.is_dir() and checkpoint_problem(partial):
+        shutil.rmtree(partial, ignore_errors=True)
+        removed.append(partial.name)
+    for name in ("model.safetensors", "adapter_model.safetensors"):  # the final save, cut short
+        weights = Path(output_dir) / name
+        if weights.is_file() and not _safetensors_complete(weights):
+            weights.unlink()
+            removed.append(name)
+    removed = f"; removed the incomplete {', '.join(removed)}" if removed else ""
+    found, _ = latest_checkpoint(output_dir)
+    keep = (f"the newest complete checkpoint is {found}: free space and resume with resume_from_checkpoint: true"
+            if found else "no complete checkpoint was saved: free space and start again")
+    where = Path(output_dir)
+    try:
+        free = f" ({shutil.disk_usage(where).free // 2**20} MiB free)"
+    except OSError:
+        free = ""
+    return UserError(f"no space left on the disk of output_dir {str(where)!r}{free} while writing at step {step}"
+                     f"{removed}; {keep}", code="disk_full")
 
 
 def resume_request(value) -> bool | str:
@@ -194,10 +262,13 @@ def resolve_resume(args):
     for path, problem in skipped:
         say(f"skipping {path}: {problem}")
     if found is None:
+        # the way to a fresh start that works: dropping resume_from_checkpoint alone is refused where a run is
+        held = run_files(args.output_dir)
+        fresh = (f"to start afresh there, set overwrite_output_dir: true instead (it removes {', '.join(held)}), "
+                 "or choose another output_dir" if held else "drop resume_from_checkpoint to start fresh")
         raise UserError(f"resume_from_checkpoint: no complete checkpoint-N folder in {where} to resume from"
                         + (f" ({len(skipped)} incomplete skipped)" if skipped else "")
-                        + ". Drop resume_from_checkpoint to start fresh, or give a checkpoint path.",
-                        code="bad_checkpoint")
+                        + f"; {fresh}, or give a checkpoint path", code="bad_checkpoint")
     say(f"resuming from {found}")
     return found
 
@@ -389,21 +460,44 @@ class PreemptionCallback(TrainerCallback):
         return control
 
 
+# How launchers tell a process how many were started: torchrun / accelerate (WORLD_SIZE), Open MPI, MPICH / Intel
+# MPI, MVAPICH (what Accelerate's MULTI_CPU reads)
+_WORLD_SIZE_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
 def check_launch(args) -> None:
-    """Refuse a launch that started several processes which would each train alone (and overwrite each other's
-    output_dir): on a machine without GPUs, torchrun-style launchers start the processes but they only join one
-    process group when told to run on CPU."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and args.world_size == 1:
-        raise UserError(f"{launched} processes were launched but each would train on its own: "
+    """Refuse a launch that asked for several processes or machines but formed no process group of that size, before
+    anything is loaded: each process would train alone on all the data into one output_dir.
+
+    - MASTER_ADDR set but no world size: the launcher started this process alone (`accelerate launch --cpu` with a
+      multi-machine config runs its simple launcher: one plain process per machine);
+    - a world size the process group does not have (on a machine without GPUs, torchrun-style launchers start the
+      processes, but they only join one group when told to run on CPU)."""
+    size_var = next((v for v in _WORLD_SIZE_VARS if os.environ.get(v, "").strip()), None)
+    if size_var is None:
+        if os.environ.get("MASTER_ADDR", "").strip():
+            raise UserError(f"MASTER_ADDR={os.environ['MASTER_ADDR']} asks for several processes or machines, but "
+                            "this process was started alone (no WORLD_SIZE) and would train on its own: `accelerate "
+                            "launch --cpu` starts one plain process per machine, so drop --cpu (minidpo runs on CPU "
+                            "by itself where there is no GPU; see configs/accelerate/cpu_ddp.yaml), or unset "
+                            "MASTER_ADDR to train in one process", code="launch")
+        return
+    try:
+        launched = int(os.environ[size_var])
+    except ValueError:
+        raise UserError(f"{size_var}={os.environ[size_var]!r} is not a number of processes", code="launch") from None
+    if launched != args.world_size:
+        alone = args.world_size == 1
+        raise UserError(f"{launched} processes were launched ({size_var}={launched}) but "
+                        + ("each would train on its own: " if alone else
+                           f"the process group has {args.world_size}: ")
                         + ("on CPU set `use_cpu: true` in the training config (or --use_cpu true)"
-                           if not args.use_cpu else "the process group did not form")
+                           if alone and not args.use_cpu else "the process group did not form as launched")
                         + "; see configs/accelerate/cpu_ddp.yaml", code="launch")
 
 
 def callbacks(args) -> list:
-    """Trainer callbacks this module contributes to every run (and a check that a multi-process launch is one)."""
-    check_launch(args)
+    """Trainer callbacks this module contributes to every run."""
     return [PreemptionCallback()]
 
 

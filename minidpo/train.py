@@ -9,7 +9,9 @@ Every knob is a field of one of three dataclasses, settable in the YAML file or 
 `trl.ModelConfig` (model, dtype, LoRA). Read `main` top to bottom: check, load, train, evaluate, save, push.
 """
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from trl import ModelConfig, ScriptArguments as TrlScriptArguments, TrlParser
 
-from minidpo import loading, prepared, resilience, training_report
+from minidpo import loading, prepared, resilience, run_record, training_report
 from minidpo.commands import TRAIN_HELP
 from minidpo.console import is_main_process, say
 from minidpo.errors import UserError, exit_status
@@ -50,8 +52,13 @@ class ScriptArguments(TrlScriptArguments):
                                          "output_dir/merged"})
     # Transformers 5 dropped TrainingArguments.overwrite_output_dir; minidpo keeps the guard and the switch.
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "train into an output_dir that already holds another run (its files are "
-                                         "overwritten); without it minidpo refuses, unless resume_from_checkpoint"})
+        default=False, metadata={"help": "train into an output_dir that already holds another run (its checkpoints "
+                                         "are removed, its other files overwritten); without it minidpo refuses, "
+                                         "unless resume_from_checkpoint"})
+    accept_resume_changes: bool = field(
+        default=False, metadata={"help": "resume even though data, model, max_length, mask_mode, beta, loss_type, "
+                                         "length_normalize or learning_rate differ from the checkpoint's (the new "
+                                         "values apply from the resumed step; summary.json and the card list them)"})
 
     def __post_init__(self):
         # Refused here, at parse time: out of range, the split would hold out everything (or nothing) and the run
@@ -68,6 +75,17 @@ class _Parser(TrlParser):
 
     def error(self, message):
         raise UserError(message, code="bad_config")
+
+    def set_defaults_with_config(self, **kwargs):
+        """YAML values become defaults without argparse's `type` check: a list or mapping where a number belongs
+        (`max_steps: [1, 2]`) would reach the dataclasses as is. (Options that take a string or a list, such as
+        report_to, have no number type.)"""
+        for action in self._actions:
+            value = kwargs.get(action.dest)
+            if action.type in (int, float) and action.nargs in (None, "?") and isinstance(value, (list, dict)):
+                kind = "a whole number" if action.type is int else "a number"
+                raise UserError(f"{action.dest} takes {kind}, got {value!r} in the config file", code="bad_config")
+        return super().set_defaults_with_config(**kwargs)
 
     def parse_args_and_config(self, args=None, *rest, **kwargs):
         import yaml
@@ -90,6 +108,7 @@ class _Parser(TrlParser):
             raise UserError(f"cannot read --config {config}: {e.strerror or e}", code="bad_config") from None
         if from_config or from_cli:
             raise UserError(self._unknown(from_config, config) or self._unknown(from_cli, None), code="bad_config")
+        check_numbers(*(p for p in parsed if dataclasses.is_dataclass(p)))
         return tuple(parsed)
 
     def _unknown(self, leftover: list, config) -> str:
@@ -111,6 +130,29 @@ class _Parser(TrlParser):
                 "`minidpo train --help` lists every option")
 
 
+def check_numbers(*configs) -> None:
+    """Numbers that parse but mean nothing, refused in one line: any float option that is not finite (inf, NaN), a
+    training length of zero (no step would run and the base model would be saved as the result)."""
+    for config in configs:
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name, None)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise UserError(f"{f.name} must be a finite number, got {value}", code="bad_config")
+    for config in configs:
+        if not isinstance(config, MiniDPOConfig):
+            continue
+        if config.max_steps == 0 or config.max_steps < -1:
+            raise UserError(f"max_steps must be a positive number of steps, or -1 to train num_train_epochs, got "
+                            f"{config.max_steps}", code="bad_config")
+        if config.max_steps < 0 and not config.num_train_epochs > 0:
+            raise UserError(f"num_train_epochs must be > 0, got {config.num_train_epochs}: no step would run (or "
+                            "set max_steps)", code="bad_config")
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            if getattr(config, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(config, name)}", code="bad_config")
+
+
 def make_parser(subparsers=None):
     """The parser of `minidpo train` and of this file, in TRL's `make_parser` style."""
     dataclass_types = (ScriptArguments, MiniDPOConfig, ModelConfig)
@@ -124,19 +166,18 @@ def parse(argv=None):
     return make_parser().parse_args_and_config(args=argv)
 
 
-# Files that mean an output directory already holds a run (a finished model or a checkpoint of one).
-_RUN_MARKERS = ("summary.json", "trainer_state.json", "training_args.bin", "model.safetensors",
-                "adapter_model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
-
-
 def check_output_dir(script_args: ScriptArguments, training_args: MiniDPOConfig) -> None:
-    """Refuse to train over another run, unless resuming it or told to overwrite it."""
+    """Refuse to train over another run, unless resuming it or told to overwrite it (not both)."""
     out = Path(training_args.output_dir)
-    if not out.is_dir() or script_args.overwrite_output_dir:
+    request = resilience.resume_request(training_args.resume_from_checkpoint)
+    if script_args.overwrite_output_dir and request is not False:
+        inside = request is True or Path(request).expanduser().resolve().is_relative_to(out.expanduser().resolve())
+        if inside:
+            raise UserError("overwrite_output_dir replaces the run in output_dir and resume_from_checkpoint "
+                            "continues it: set only one of them", code="bad_config")
+    if not out.is_dir() or script_args.overwrite_output_dir or request is not False:
         return
-    if resilience.resume_request(training_args.resume_from_checkpoint) is not False:
-        return
-    found = [m for m in _RUN_MARKERS if (out / m).exists()] + sorted(p.name for p in out.glob("checkpoint-*"))[:3]
+    found = resilience.run_files(out)
     if found:
         raise UserError(f"output_dir {str(out)!r} already holds a run ({', '.join(found)}): choose another "
                         "output_dir, set resume_from_checkpoint: true to continue it, or overwrite_output_dir: true "
@@ -208,12 +249,8 @@ def prepare_tokenizer(model_args: ModelConfig, trust_remote_code: bool):
     return tokenizer
 
 
-def load_pairs(script_args: ScriptArguments, tokenizer, training_args: MiniDPOConfig):
-    """The train and eval pairs (memory-mapped `datasets.Dataset`s, eval None when there is none) of whatever
-    `dataset_name` points at, and the number of rejected lines: listed in output_dir/rejects.jsonl, never dropped.
-
-    The first process of each node validates and writes the pairs (`minidpo.prepared`); the others wait, then open
-    its files."""
+def dataset_path(script_args: ScriptArguments) -> Path:
+    """`dataset_name` as a path that exists; UserError when it is unset or missing."""
     if not script_args.dataset_name:
         raise UserError("set dataset_name: a MiniMind dpo.jsonl, a TRL jsonl, or a `minidpo convert` directory",
                         code="bad_config")
@@ -221,6 +258,16 @@ def load_pairs(script_args: ScriptArguments, tokenizer, training_args: MiniDPOCo
     if not path.exists():
         raise UserError(f"dataset_name {str(path)!r} does not exist (minidpo reads local files only)",
                         code="missing_path")
+    return path
+
+
+def load_pairs(script_args: ScriptArguments, tokenizer, training_args: MiniDPOConfig):
+    """The train and eval pairs (memory-mapped `datasets.Dataset`s, eval None when there is none) of whatever
+    `dataset_name` points at, and the number of rejected lines: listed in output_dir/rejects.jsonl, never dropped.
+
+    The first process of each node validates and writes the pairs (`minidpo.prepared`); the others wait, then open
+    its files."""
+    path = dataset_path(script_args)
     with training_args.main_process_first(local=True, desc="preparing the pairs"):
         data = prepared.prepare(path, tokenizer, splits=(script_args.dataset_train_split,
                                                         script_args.dataset_test_split),
@@ -311,6 +358,7 @@ def check_lora_targets(model, model_args: ModelConfig) -> None:
 def main(script_args: ScriptArguments, training_args: MiniDPOConfig, model_args: ModelConfig) -> dict:
     """One training run; returns summary.json's content (or `{"preempted": True, ...}` after SIGTERM). The main
     process holds `output_dir`'s lock for the whole run, so a second run there stops at once."""
+    resilience.check_launch(training_args)
     check_model_path(model_args)
     if not is_main_process():
         return _train(script_args, training_args, model_args)
@@ -326,6 +374,18 @@ def _train(script_args: ScriptArguments, training_args: MiniDPOConfig, model_arg
     check_output_dir(script_args, training_args)
     check_reporting(training_args)
     check_hub(training_args)
+    out = Path(training_args.output_dir)
+    if resilience.resume_request(training_args.resume_from_checkpoint) is True:
+        done = run_record.finished_summary(out, training_args)
+        if done is not None:
+            say(f"output_dir {str(out)!r} holds a finished run (step {done['global_step']} of {done['max_steps']}): "
+                "nothing to train, nothing written; raise max_steps or num_train_epochs to train it further")
+            return done
+    checkpoint = resilience.resolve_resume(training_args)
+    dataset_path(script_args)  # named before its content is read for the run's record
+    record = run_record.RunRecord(run_record.run_settings(script_args, training_args, model_args))
+    if checkpoint is not None:
+        record.resume(checkpoint, accept=script_args.accept_resume_changes)
     tokenizer = prepare_tokenizer(model_args, training_args.trust_remote_code)
     train, evals, n_rejected = load_pairs(script_args, tokenizer, training_args)
     if is_main_process():
@@ -343,25 +403,43 @@ def _train(script_args: ScriptArguments, training_args: MiniDPOConfig, model_arg
             eval_dataset=evals,
             processing_class=tokenizer,
             peft_config=get_peft_config(model_args),
-            callbacks=training_report.callbacks(training_args) + resilience.callbacks(training_args),
+            callbacks=(training_report.callbacks(training_args) + resilience.callbacks(training_args)
+                       + [record, run_record.NonFiniteGuard()]),
         )
     except ValueError as e:
         # TRL validates option combinations (loss types, PEFT targets, ...) when the trainer is built; errors
         # later, during training, keep their stack trace.
         raise UserError(str(e), code="bad_config") from None
+    record.attach(trainer)
     trainer.data_source, trainer.lines_rejected = script_args.dataset_name, n_rejected
     if evals is not None and trainer.accelerator.is_main_process:
         # what `minidpo eval` scores by default: the pairs this run held out, never ones it trained on
-        write_text_atomic(Path(training_args.output_dir) / loading.EVAL_PAIRS,
+        write_text_atomic(out / loading.EVAL_PAIRS,
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in evals))
-    checkpoint = resilience.resolve_resume(training_args)
     resilience.check_checkpoint_fits(checkpoint, trainer.accelerator.unwrap_model(trainer.model))
+    if script_args.overwrite_output_dir and trainer.accelerator.is_main_process:
+        # The earlier run's checkpoints would otherwise be what a later resume_from_checkpoint: true takes
+        gone = resilience.remove_checkpoints(out)
+        if gone:
+            say(f"overwrite_output_dir: removed the earlier run's {', '.join(gone)} from {out}")
+    trainer.accelerator.wait_for_everyone()
+    try:
+        return _run(trainer, script_args, model_args, checkpoint, n_rejected)
+    except Exception as e:
+        if isinstance(e, UserError) or not resilience.is_disk_full(e):
+            raise
+        raise resilience.disk_full(e, out, trainer.state.global_step) from None
+
+
+def _run(trainer, script_args: ScriptArguments, model_args: ModelConfig, checkpoint, n_rejected: int) -> dict:
+    """Train, evaluate, save, push: everything that writes the run's results."""
+    training_args, tokenizer = trainer.args, trainer.processing_class
     trainer.train(resume_from_checkpoint=checkpoint)
     if resilience.preempted(trainer):
         # Stopped by SIGTERM: a checkpoint is saved and the resume command printed. The run is not finished,
         # so no final evaluation, no model/summary in output_dir as if it were; exit 0.
         return {"preempted": True, "global_step": trainer.state.global_step, "final_eval": {}}
-    metrics = trainer.evaluate() if evals is not None else {}
+    metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
 
     out = Path(training_args.output_dir)
     trainer.save_model(str(out))

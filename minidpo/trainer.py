@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, gather_object, is_peft_model
+from accelerate.utils import gather_object, is_peft_model
 from datasets import Dataset, IterableDataset
 from datasets.fingerprint import Hasher
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -43,9 +41,8 @@ from trl import DPOConfig, DPOTrainer
 from trl.data_utils import extract_prompt
 from trl.models import prepare_deepspeed
 
-from minidpo import ref_cache, training_report
+from minidpo import distributed, ref_cache, training_report
 from minidpo.console import say
-from minidpo.errors import UserError
 from minidpo.masking import MASK_MODES, TRUNCATION_MODES, encode_pair, is_scorable
 from minidpo.models import ensure_pad_token, load_tokenizer, use_pad_token
 from minidpo.pairs import PAIR_COLUMNS, REF_COLUMNS, PairCollator, pair_lengths
@@ -255,30 +252,21 @@ class MiniDPOTrainer(DPOTrainer):
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
-        state = self.accelerator.state
-        if _fsdp_version_asked() == 2 and state.distributed_type == DistributedType.MULTI_CPU:
-            # Accelerate 1.15 honours the launcher's FSDP only on accelerator devices (AcceleratorState lists
-            # MULTI_GPU, MULTI_XPU, ..., not MULTI_CPU) and otherwise trains with DDP, unsharded, without a word.
-            # FSDP2's fully_shard runs on CPU over gloo: put back the plugin the launcher configured (FSDP_* env).
-            # PartialState too, as Accelerate's own FSDP setup does: every later AcceleratorState() (one per
-            # AcceleratedOptimizer) copies PartialState's type over, and MULTI_CPU there made get_state_dict hand
-            # rank 0 the shards, whose tied-weight check in save_pretrained is a collective no other rank joins.
-            state.fsdp_plugin = FullyShardedDataParallelPlugin()
-            state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+        if distributed.restore_cpu_fsdp2(self.accelerator.state):
             self.is_fsdp_enabled = True
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
-        version = _fsdp_version_asked()
+        version = distributed.fsdp_version_asked()
         if version:
-            check_sharded(self.model, version, self.accelerator.num_processes)
+            distributed.check_sharded(self.model, version, self.accelerator.num_processes)
         return model, train_dataloader
 
     def _save(self, output_dir=None, state_dict=None):
         if state_dict and self.is_fsdp_enabled:
             # FSDP gathers a tied LM head as a copy of its own, which Transformers (it finds ties by shared storage)
             # would write as a second tensor: drop it, so the folder is the one a single process saves.
-            tied = _tied_duplicates(self.accelerator.unwrap_model(self.model))
+            tied = distributed.tied_duplicates(self.accelerator.unwrap_model(self.model))
             state_dict = {k: v for k, v in state_dict.items() if k not in tied}
         super()._save(output_dir, state_dict=state_dict)
 
@@ -468,7 +456,7 @@ class MiniDPOTrainer(DPOTrainer):
 
     def _issue_warnings_after_load(self, load_result):
         # A tied LM head is saved once, under the embedding's name: its "missing" key is loaded all the same.
-        tied = _tied_duplicates(self.accelerator.unwrap_model(self.model))
+        tied = distributed.tied_duplicates(self.accelerator.unwrap_model(self.model))
         missing = [k for k in load_result.missing_keys if k not in tied]
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
@@ -508,43 +496,6 @@ class MiniMindOrder(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.n if self.world == 1 else -(-self.n // self.world) * self.world
-
-
-def _fsdp_version_asked() -> int | None:
-    """The FSDP version `accelerate launch` was configured with (distributed_type: FSDP), None without FSDP."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
-        return None
-    return int(os.environ.get("FSDP_VERSION", "1"))
-
-
-def check_sharded(model, fsdp_version: int, world: int) -> None:
-    """Say how many of the prepared model's parameter tensors FSDP shards; `UserError` when it shards none, so a run
-    asked to shard never trains unsharded (each process holding the whole model) without a word."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.distributed.tensor import DTensor
-
-    params = list(model.parameters())
-    if isinstance(model, FullyShardedDataParallel):  # FSDP1 (GPUs): flat parameters, each one process's shard
-        sharded = len(params)
-    else:  # FSDP2 (fully_shard) holds each parameter as a DTensor sharded over the processes
-        sharded = sum(isinstance(p, DTensor) for p in params)
-    if sharded == 0:
-        raise UserError(f"the accelerate config asks for FSDP (fsdp_version {fsdp_version}) but none of the model's "
-                        f"{len(params)} parameter tensors is sharded: every process would hold and train the whole "
-                        "model. On CPU minidpo shards with fsdp_version: 2 only (configs/accelerate/cpu_fsdp2.yaml)",
-                        code="bad_config")
-    say(f"FSDP{fsdp_version}: {sharded} of {len(params)} parameter tensors sharded over {world} "
-        f"process{'es' if world > 1 else ''}")
-
-
-def _tied_duplicates(model) -> set[str]:
-    """Names of parameters that are another parameter under a second name (a tied LM head)."""
-    seen, tied = set(), set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            tied.add(name)
-        seen.add(id(param))
-    return tied
 
 
 def _encode_example(example, tokenizer, max_length, mask_mode, truncation_mode):

@@ -173,25 +173,43 @@ def _plain(value):
 
 
 def training_summary(trainer, eval_metrics: dict, n_rejected: int = 0) -> dict:
-    """summary.json's content: final and best metrics, tokens and time, drops and rejects, base model, config."""
+    """summary.json's content: final and best metrics, tokens and time, drops and rejects, base model, config.
+
+    Tokens, seconds and the train loss are the whole run's, over every resume (`run_record.RunRecord` carries them
+    in the checkpoints); `resumes` lists each resume and the settings it changed, `config` the settings used last."""
+    from minidpo.run_record import RunRecord, find
+
     state = trainer.state
     train_runtime = next((e["train_runtime"] for e in reversed(state.log_history) if "train_runtime" in e), None)
     tokens = trainer._total_train_tokens
     args = trainer.args
-    plot_cb = next((c for c in trainer.callback_handler.callbacks if isinstance(c, PlotCallback)), None)
+    plot_cb = find(trainer, PlotCallback)
     started = getattr(plot_cb, "started", None)
+    wall = round(time.time() - started, 2) if started else train_runtime
+    final_train = _final(state.log_history, "")
+    record = find(trainer, RunRecord)
+    resumes, data = [], None
+    if record is not None:
+        totals = record.so_far()
+        tokens, train_runtime, wall = totals["train_tokens"], totals["train_seconds"], round(totals["wall_seconds"], 2)
+        resumes, data = record.resumes, record.settings.get("data")
+        if record.train_loss() is not None and "train_loss" in final_train:
+            final_train.update(train_loss=record.train_loss(), train_runtime=train_runtime)
     plots_dir = Path(args.output_dir) / "plots"
     return {
         "final_eval": {k: v for k, v in eval_metrics.items()},
-        "final_train": _final(state.log_history, ""),
+        "final_train": final_train,
         "best_eval": best_metrics(state.log_history),
         "global_step": state.global_step,
+        "max_steps": state.max_steps,
         "epochs": state.epoch,
         "train_tokens": tokens,  # chosen + rejected tokens fed to the policy (padding excluded), all processes
         "train_seconds": train_runtime,
         "train_tokens_per_second": (tokens / train_runtime) if train_runtime else None,
         # from the start of training to this summary: training, evaluations, checkpoint saves
-        "wall_seconds": round(time.time() - started, 2) if started else train_runtime,
+        "wall_seconds": wall,
+        "resumes": resumes,
+        "data_sha256": data,
         "pairs_dropped_no_scored_token": dict(trainer.pairs_dropped),
         "lines_rejected": n_rejected,
         "base_model": _base_model(trainer),
@@ -235,6 +253,13 @@ def card_sections(trainer) -> str:
         "### Configuration", "", _table(summary["config"]), "",
         "### Final metrics", "", _table({**summary["final_train"], **summary["final_eval"]}), "",
     ]
+    changed = [r for r in summary.get("resumes") or [] if r.get("changed")]
+    if changed:
+        from minidpo.run_record import describe_changes
+
+        extra += ["### Resumed with other settings", "",
+                  "The configuration above holds from the last of these steps on; before each, the earlier values.",
+                  "", *(f"- step {r['step']}: {describe_changes(r['changed'], ('before', 'after'))}" for r in changed), ""]
     best = summary.get("best_eval") or {}
     if best:
         extra += ["### Best evaluation", "",

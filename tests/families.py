@@ -35,8 +35,9 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "phi3": ("phi3", {}),
     "gpt2": ("gpt2", dict(n_embd=32, n_layer=2, n_head=4, n_positions=1024,
                         **{k: None for k in _COMMON if k != "initializer_range"})),
+    # OPT drops out with functional calls (no nn.Dropout module for disable_dropout to find): set to 0 here
     "opt": ("opt", dict(ffn_dim=64, word_embed_proj_dim=32, num_key_value_heads=None, head_dim=None,
-                        intermediate_size=None)),
+                        intermediate_size=None, dropout=0.0, attention_dropout=0.0, layerdrop=0.0)),
     "bloom": ("bloom", dict(n_layer=2, n_head=4,
                           **{k: None for k in _COMMON if k not in ("hidden_size", "initializer_range")})),
     "mpt": ("mpt", dict(d_model=32, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=1024,

@@ -52,6 +52,25 @@ def test_resolve_resume_values(tmp_path):
         resolve_resume(_args(tmp_path / "empty", "true"))
 
 
+def test_a_checkpoint_whose_log_history_is_not_a_list_is_incomplete(tiny_assets, tmp_path, capfd):
+    """Trainer would stop inside TrainerState with a stack trace: skipped by `true`, one line when named."""
+    from minidpo import train
+
+    good = _fake_checkpoint(tmp_path / "out", 2)
+    bad = _fake_checkpoint(tmp_path / "out", 4)
+    (bad / "trainer_state.json").write_text(json.dumps({"global_step": 4, "log_history": {"loss": 1}}))
+    assert checkpoint_problem(bad) == "trainer_state.json's log_history is not a list"
+    assert resolve_resume(_args(tmp_path / "out", "true")) == str(good)
+    before = sorted(p.name for p in bad.iterdir())
+    capfd.readouterr()
+    argv = ["--model_name_or_path", str(tiny_assets / "base"), "--dataset_name", str(tiny_assets / "dpo.jsonl"),
+            "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--resume_from_checkpoint", str(bad)]
+    assert train.run(argv) == 2
+    assert_one_line_error(capfd.readouterr().err, f"{bad} is not a complete checkpoint: trainer_state.json's "
+                          "log_history is not a list", f"the newest complete one is {good}")
+    assert sorted(p.name for p in bad.iterdir()) == before
+
+
 def test_resolve_resume_skips_half_written_checkpoints(tmp_path, capsys):
 
     good = _fake_checkpoint(tmp_path, 6)

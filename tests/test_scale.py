@@ -460,7 +460,7 @@ def _all_sharded(stdout: str) -> bool:
 def test_fsdp_asked_but_unsharded_model_stops_with_one_line():
     from minidpo.embedded import build_tiny_model, build_tokenizer
     from minidpo.errors import UserError
-    from minidpo.trainer import check_sharded
+    from minidpo.distributed import check_sharded
 
     model = build_tiny_model(build_tokenizer(), num_layers=1)  # plain parameters, as DDP or one process holds them
     with pytest.raises(UserError) as e:

@@ -3,7 +3,6 @@ attention against one sdpa call with the equivalent dense mask."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from minidpo import scoring
 

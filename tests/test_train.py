@@ -545,8 +545,12 @@ def test_resuming_with_another_model_is_one_line(tiny_assets, tmp_path, capfd):
     assert train.run(["--config", str(cfg)]) == 0
     other = save_small_model(tmp_path / "other")  # 32 wide, 1 layer; the run's model is 64 wide, 2 layers
     capfd.readouterr()
-    assert train.run(["--config", str(cfg), "--model_name_or_path", str(other), "--resume_from_checkpoint",
-                      "true", "--max_steps", "2"]) == 2
+    resume = ["--config", str(cfg), "--model_name_or_path", str(other), "--resume_from_checkpoint", "true",
+              "--max_steps", "2"]
+    assert train.run(resume) == 2  # the run's record names the other model first
+    assert_one_line_error(capfd.readouterr().err, "checkpoint-1 belongs to a run with other settings",
+                          f"model {tiny_assets / 'base'} there, {other} here")
+    assert train.run(resume + ["--accept_resume_changes", "true"]) == 2  # accepting it cannot make the shapes fit
     assert_one_line_error(capfd.readouterr().err, "checkpoint-1 was saved from another model",
                           "hidden_size 64 there, 32 here")
 
