@@ -280,7 +280,19 @@ class MiniDPOTrainer(DPOTrainer):
         refusal = wrap(self.model.get_base_model() if is_peft_model(self.model) else self.model,
                        outputs=policy_outputs)
         if self.ref_model is not None:
-            wrap(self.accelerator.unwrap_model(self.ref_model))
+            ref = self.accelerator.unwrap_model(self.ref_model)
+            wrap(ref)
+            # Accelerate put the reference's forward under autocast when TRL prepared it, but the compact head reaches
+            # the model's body past that wrapper: without this the reference of a bf16 run on CPU ran in fp32, unlike
+            # the policy (prepared later, so wrapped around the pair forward) and unlike a precomputed reference.
+            pair_forward = ref.forward
+
+            @functools.wraps(pair_forward)
+            def forward_under_autocast(*args, **kwargs):
+                with self.accelerator.autocast():
+                    return pair_forward(*args, **kwargs)
+
+            ref.forward = forward_under_autocast
         if self.args.share_prompt:  # which scoring path runs, and why, once per run
             say("scoring: packed pair rows (each pair's prompt once)" if refusal is None
                 else f"scoring: two rows per pair, not packed: {refusal}")

@@ -25,9 +25,10 @@ Columns:
                the end of the last step (tokenization and any reference precompute included)
   peak MB      peak RSS of the row's process (CPU) or torch.cuda.max_memory_allocated (GPU)
   MFU          model FLOPs / time / matmul peak of the row's compute dtype (fp32 or bf16), the peaks measured in
-               this run; model FLOPs = 8 * params * real tokens (6 for the policy forward + backward, 2 for the
-               reference forward), attention score FLOPs and padding not counted. A row faster than the probed
-               peak (a busy machine makes the probe read low) takes its own rate as the peak: MFU <= 100%
+               this run (on a GPU listed in VENDOR_PEAK_TFLOPS the vendor's peak is printed beside them); model
+               FLOPs = 8 * params * real tokens (6 for the policy forward + backward, 2 for the reference forward),
+               attention score FLOPs and padding not counted. A row faster than the probed peak (a busy machine
+               makes the probe read low) takes its own rate as the peak: MFU <= 100%
   final loss   the same fp32 loss function (full logits, length-averaged, beta 0.1) evaluated after training on all
                trained pairs, trained policy against the initial model; outside the timed region
   loss - parity row   against minimind-loop (else trl-default): a row off by more than LOSS_TOLERANCE of its dtype
@@ -53,7 +54,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SHARED_TOKENIZER = Path(os.environ.get("MINIDPO_SHARED", REPO.parent / "shared")) / "tokenizers" / "minimind2"
+# MiniMind2's real tokenizer (vocab 6400), shipped with the repository (Apache-2.0, see its NOTICE): every shape,
+# the GPU machine's included, gets MiniMind2's vocabulary, never a silent stand-in.
+MINIMIND2_TOKENIZER = REPO / "assets" / "tokenizers" / "minimind2"
 SHAPES = {  # hidden, layers, heads, kv heads, intermediate; vocab from the tokenizer, embeddings tied
     "tiny": (64, 2, 4, 2, 176),
     "minimind2-small": (512, 8, 8, 2, 1408),
@@ -77,14 +80,9 @@ HANZI = "我们的模型训练数据偏好回答问题这个方法可以需要�
 # ------------------------------------------------------------------------------------------------ data and model
 
 def bench_tokenizer():
-    """MiniMind2's real tokenizer from ../shared when it is there, else the embedded one."""
-    if (SHARED_TOKENIZER / "tokenizer.json").exists():
-        from minidpo.models import load_tokenizer
+    from minidpo.models import load_tokenizer
 
-        return load_tokenizer(SHARED_TOKENIZER)
-    from minidpo.embedded import build_tokenizer
-
-    return build_tokenizer()
+    return load_tokenizer(MINIMIND2_TOKENIZER)
 
 
 def _text(rng: random.Random, tokenizer, n_tokens: int) -> str:
@@ -302,26 +300,49 @@ def run_row(name, args) -> dict:
 
 # ------------------------------------------------------------------------------------------------ driver
 
-def matmul_peak(device: str, dtype_name: str, n: int = 2048, budget_s: float = 3.0) -> float:
-    """Best GFLOP/s of square matmuls of at most n x n, measured within about `budget_s` seconds on any machine.
+# Vendor datasheet peaks, dense (no sparsity), TFLOP/s: (fp32 without TF32, which torch's matmul leaves off by
+# default; bf16 tensor cores), matched by a substring of the CUDA device name, most specific first.
+VENDOR_PEAK_TFLOPS = (("H100 PCIe", (51.0, 756.0)), ("H200", (67.0, 989.0)), ("H100", (67.0, 989.0)),
+                      ("A100", (19.5, 312.0)))
+
+
+def vendor_peak(device: str) -> tuple[str, dict] | None:
+    """(device name, {dtype: GFLOP/s}) from VENDOR_PEAK_TFLOPS, or None off CUDA or for a GPU not listed."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((tflops for key, tflops in VENDOR_PEAK_TFLOPS if key in name), None)
+    return None if peak is None else (name, {"float32": peak[0] * 1e3, "bfloat16": peak[1] * 1e3})
+
+
+def matmul_peak(device: str, dtype_name: str, n: int = 2048, budget_s: float = 3.0) -> tuple[float, int]:
+    """(best GFLOP/s, matrix size) of square matmuls of at most n x n, measured within about `budget_s` seconds on
+    any machine.
 
     A dtype the machine runs slowly (bf16 on a CPU without native bf16: ~1 GFLOP/s, where one 2048 x 2048 matmul
     takes seconds) is measured on smaller matrices, never for minutes: the size doubles from 256 only while one
-    matmul fits a tenth of the budget.
+    matmul fits a tenth of the budget. Every size is warmed up before it is timed: the first product pays for
+    cuBLAS's start-up and kernel choice (or a CPU's thread pool), which would stop the doubling at a small size
+    whose lower throughput then passes for the peak.
     """
     import torch
 
     dtype = getattr(torch, dtype_name)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    warmed = set()
 
     def seconds(size: int, reps: int) -> float:
         a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        if size not in warmed:  # the start-up is paid once per size: later calls go straight to timing
+            torch.mm(a, b)
+            warmed.add(size)
+        sync()
         t = time.perf_counter()
         for _ in range(reps):
-            a @ b
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+            torch.mm(a, b)
+        sync()
         return time.perf_counter() - t
 
     size, one = 256, seconds(256, 1)
@@ -329,7 +350,7 @@ def matmul_peak(device: str, dtype_name: str, n: int = 2048, budget_s: float = 3
         size *= 2
         one = seconds(size, 1)
     reps = max(1, int(budget_s / 4 / max(one, 1e-9)))
-    return max(2 * size**3 * reps / seconds(size, reps) / 1e9 for _ in range(3))
+    return max(2 * size**3 * reps / seconds(size, reps) / 1e9 for _ in range(3)), size
 
 
 def model_flops_utilization(n_params: int, real_tokens: int, seconds: float, peak_flops: float) -> tuple[float, bool]:
@@ -352,7 +373,8 @@ def parse(argv=None):
                    help="compute dtype of the minidpo and trl-tuned rows; auto: the faster matmul of this machine")
     p.add_argument("--rows", default=",".join(ROWS),
                    help=f"comma-separated subset of {','.join(ROWS + EXTRA_ROWS)}")
-    p.add_argument("--json", help="write the rows to this file")
+    p.add_argument("--json", help="write the matmul peaks (measured; the vendor's where known), the parity "
+                   "verdict and the rows to this file")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a MiniDPOConfig field of the minidpo row (JSON values), to measure one lever")
     p.add_argument("--_row", help=argparse.SUPPRESS)
@@ -389,14 +411,22 @@ def main(argv=None):
     unknown = set(rows) - set(ROWS + EXTRA_ROWS)
     if unknown:
         sys.exit(f"unknown rows {sorted(unknown)}; choose from {ROWS + EXTRA_ROWS}")
-    n = 1024 if args.shape == "tiny" else 2048
-    peaks = {d: matmul_peak(args.device, d, n, budget_s=1.0 if args.shape == "tiny" else 3.0)
-             for d in ("float32", "bfloat16")}
+    # A GPU reaches its peak only on large products (8192^3 bf16 on an H200: ~1.4 ms); a CPU's is reached by 2048.
+    n = 1024 if args.shape == "tiny" else 8192 if args.device.startswith("cuda") else 2048
+    probes = {d: matmul_peak(args.device, d, n, budget_s=1.0 if args.shape == "tiny" else 3.0)
+              for d in ("float32", "bfloat16")}
+    peaks = {d: gflops for d, (gflops, _) in probes.items()}
     if args.dtype == "auto":
         args.dtype = "bf16" if peaks["bfloat16"] > peaks["float32"] else "fp32"
+    vendor = vendor_peak(args.device)
     print(f"[bench] {args.shape}, {args.steps} steps x {args.batch_size} pairs, max_length {args.max_length}, "
-          f"device {args.device}; matmul peak fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} "
-          f"GFLOP/s -> tuned rows in {args.dtype}; load {os.getloadavg()[0]:.2f}", flush=True)
+          f"device {args.device}; matmul peak fp32 {peaks['float32']:.0f} GFLOP/s (n={probes['float32'][1]}), "
+          f"bf16 {peaks['bfloat16']:.0f} GFLOP/s (n={probes['bfloat16'][1]}) -> tuned rows in {args.dtype}; "
+          f"load {os.getloadavg()[0]:.2f}", flush=True)
+    print("[bench] vendor peak: " + (f"{vendor[0]}, dense: fp32 {vendor[1]['float32']:.0f} GFLOP/s, bf16 "
+          f"{vendor[1]['bfloat16']:.0f} GFLOP/s; measured / vendor: fp32 "
+          f"{peaks['float32'] / vendor[1]['float32']:.0%}, bf16 {peaks['bfloat16'] / vendor[1]['bfloat16']:.0%}"
+          if vendor else "none listed for this device (VENDOR_PEAK_TFLOPS)"), flush=True)
     results = []
     for name in rows:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
@@ -429,7 +459,10 @@ def main(argv=None):
               f"{100 * r['mfu']:.1f}% | {r['final_loss']:.5f} | {delta} | {speedup} |")
     if args.json:
         keys = ("name", "real_tokens_per_s", "peak_mem_mb", "mfu", "final_loss")
-        Path(args.json).write_text(json.dumps([{k: r[k] for k in keys} for r in results], indent=1))
+        Path(args.json).write_text(json.dumps({
+            "matmul_peak_gflops": peaks, "vendor": vendor and {"device": vendor[0], "peak_gflops": vendor[1]},
+            "parity": parity and {"row": parity["name"], "off": off},
+            "rows": [{k: r[k] for k in keys} for r in results]}, indent=1))
     if parity is not None:
         bound = ", ".join(f"{dtype} {tol:.0e}" for dtype, tol in LOSS_TOLERANCE.items())
         print(f"\nfinal loss against {parity['name']}: " + (f"every row within tolerance ({bound})" if not off else

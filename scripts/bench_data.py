@@ -3,8 +3,8 @@
     python scripts/bench_data.py [--size-gb 1] [--baseline 6d0b8c6] [--json out.json]
 
 Generates a MiniMind dpo.jsonl of `--size-gb` (the records of scripts/bench_convert.py: ~100-token prompts, two
-~300-token answers, mixed English and Chinese; the MiniMind2 tokenizer from ../shared when present, else the
-embedded one) and a tiny Llama, then launches `minidpo/train.py` through `accelerate launch` with
+~300-token answers, mixed English and Chinese; the MiniMind2 tokenizer the repository
+ships) and a tiny Llama, then launches `minidpo/train.py` through `accelerate launch` with
 configs/accelerate/cpu_ddp.yaml, one run per row, each on a fresh datasets cache:
 
   before x2   the code at `--baseline` (a git worktree of that commit): every process parses the whole file into
@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_TOKENIZER = Path(os.environ.get("MINIDPO_SHARED", REPO.parent / "shared")) / "tokenizers" / "minimind2"
+MINIMIND2_TOKENIZER = REPO / "assets" / "tokenizers" / "minimind2"  # shipped with the repository (Apache-2.0, NOTICE)
 
 
 def rss_mb(field: str = "VmRSS") -> float:
@@ -230,10 +230,10 @@ def main():
         t = time.time()
         n = make_data(data, args.size_gb)
         print(f"generated {data}: {n:,} records, {data.stat().st_size / 1e9:.2f} GB in {time.time() - t:.0f} s")
-    tokenizer = str(SHARED_TOKENIZER) if SHARED_TOKENIZER.is_dir() else None
+    tokenizer = str(MINIMIND2_TOKENIZER)
     if not (work / "model" / "config.json").is_file():
         make_model(work / "model", tokenizer)
-    print(f"data {data} ({data.stat().st_size / 1e9:.2f} GB), tokenizer {tokenizer or 'embedded'}, "
+    print(f"data {data} ({data.stat().st_size / 1e9:.2f} GB), tokenizer {tokenizer}, "
           f"{os.cpu_count()} cores")
 
     baseline = work / f"baseline-{args.baseline}"

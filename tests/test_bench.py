@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from helpers import REPO, SUBPROCESS_TIMEOUT, subprocess_env
+from helpers import REPO, SUBPROCESS_TIMEOUT, assert_one_line_error, subprocess_env
 
 WITHIN_TOLERANCE = "final loss against minimind-loop: every row within tolerance"
 
@@ -31,7 +31,10 @@ def test_bench_smoke_every_row_keeps_the_loss_in_bf16_too(tmp_path):
     bf16 tolerance against the fp32 loop, on any CPU."""
     out = tmp_path / "rows.json"
     stdout = _bench("--dtype", "bf16", "--json", str(out))
-    rows = json.loads(out.read_text())
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert report["parity"] == {"row": "minimind-loop", "off": []} and report["vendor"] is None  # no GPU: none
+    assert set(report["matmul_peak_gflops"]) == {"float32", "bfloat16"}
     assert [r["name"] for r in rows] == ["minidpo", "trl-default", "trl-tuned", "minimind-loop"]
     for r in rows:
         assert set(r) == {"name", "real_tokens_per_s", "peak_mem_mb", "mfu", "final_loss"}
@@ -96,22 +99,103 @@ def test_matmul_peak_probe_is_bounded_in_work(dtype, monkeypatch):
 
     calls, real_randn = [], torch.randn
     monkeypatch.setattr(torch, "randn", lambda *a, **k: calls.append(a) or real_randn(*a, **k))
-    peak = bench.matmul_peak("cpu", dtype, n=2048, budget_s=0.5)
-    assert peak == 2 * 256**3 / 1e9  # one 256 x 256 matmul a second, in GFLOP/s
+    peak, size = bench.matmul_peak("cpu", dtype, n=2048, budget_s=0.5)
+    assert size == 256 and peak == 2 * 256**3 / 1e9  # one 256 x 256 matmul a second, in GFLOP/s
     assert {a[:2] for a in calls} == {(256, 256)} and len(calls) == 2 * 4  # 4 measurements of 2 operands each
 
 
+def test_matmul_peak_probe_warms_up_before_timing(monkeypatch):
+    """A first product that pays a start-up (cuBLAS's handle and kernel choice on a GPU) is not timed: timed, it would
+    stop the probe at 256 x 256, whose throughput would pass for the peak. Products and clock are simulated (1 ms per
+    512^3, 0.2 s more for the first), so how busy this machine is changes nothing."""
+    from types import SimpleNamespace
+
+    import torch
+
+    bench = _load_bench()
+    clock, calls = [0.0], []
+
+    def mm(a, b):
+        clock[0] += (0.2 if not calls else 0) + 1e-3 * (a.shape[0] / 512) ** 3
+        calls.append(a.shape[0])
+        return a
+
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(torch, "mm", mm)
+    _, size = bench.matmul_peak("cpu", "float32", n=512, budget_s=0.5)
+    assert size == 512, calls
+
+
+def test_vendor_peak_is_known_for_the_lent_gpu(monkeypatch):
+    import torch
+
+    bench = _load_bench()
+    assert bench.vendor_peak("cpu") is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    assert bench.vendor_peak("cuda") == ("NVIDIA H200", {"float32": 67e3, "bfloat16": 989e3})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 PCIe")
+    assert bench.vendor_peak("cuda")[1]["bfloat16"] == 756e3
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
+    assert bench.vendor_peak("cuda") is None
+
+
+def _gpu_check(tmp_path, *args, **env):
+    env = dict(subprocess_env(), CUDA_VISIBLE_DEVICES="", **env)
+    return subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--out", str(tmp_path / "out"), *args],
+                          capture_output=True, text=True, env=env, timeout=SUBPROCESS_TIMEOUT)
+
+
 def test_gpu_check_parses_and_dry_runs_without_cuda(tmp_path):
-    """scripts/gpu_check.sh is valid bash; without a CUDA device it lists what it would run, writes nothing, exits 0."""
-    script = REPO / "scripts" / "gpu_check.sh"
-    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
-    env = dict(subprocess_env(), CUDA_VISIBLE_DEVICES="", OUT=str(tmp_path / "out"))
-    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=SUBPROCESS_TIMEOUT)
+    """The GPU scripts are valid bash; without a CUDA device (and without --require-gpu) the check lists what it would
+    run, with each step's timeout, writes nothing and exits 0."""
+    for script in ("gpu_check.sh", "gpu_wheels.sh", "gpu_simulate.sh"):
+        assert subprocess.run(["bash", "-n", str(REPO / "scripts" / script)]).returncode == 0, script
+    proc = _gpu_check(tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "no CUDA device here" in proc.stdout
-    for command in ("-m gpu", "--shape minimind2-small", "--shape minimind2 ", "gpu_check.md"):
+    assert "no CUDA device here" in proc.stdout and "sees no CUDA device" in proc.stdout
+    for command in ("--no-index --no-deps --target", "gpu_preflight.py --require-gpu", "tests/test_gpu.py",
+                    "--shape minimind2-small", "--shape minimind2 ", "gpu_check.md", "(timeout 200s)"):
         assert command in proc.stdout, command
+    # the steps' own timeouts fit the 8 minutes (the script also caps each by what is left of them)
+    assert sum(map(int, re.findall(r"\(timeout (\d+)s\)", proc.stdout))) <= 470
     assert not (tmp_path / "out").exists()
+
+
+def _python_without_torch(tmp_path):
+    """An interpreter wrapper under which `import torch` fails, as on a machine without it."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "torch.py").write_text("raise ImportError('no torch in this interpreter')\n")
+    wrapper = tmp_path / "python3"
+    wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={fake} exec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+@pytest.mark.parametrize("python,reason", [
+    (None, "sees no CUDA device"),
+    ("/nonexistent/python3", "no /nonexistent/python3 on PATH"),
+    ("without-torch", "torch is not importable by"),
+])
+def test_gpu_check_require_gpu_fails_with_its_reason(tmp_path, python, reason):
+    """What the device call passes: without an interpreter, torch or CUDA the check fails with the reason in one
+    line and exit 2, never passes as a dry run (it once printed "no CUDA device" and exited 0 for a missing
+    `python`), and writes nothing."""
+    env = {} if python is None else {"PYTHON": _python_without_torch(tmp_path) if python == "without-torch" else python}
+    proc = _gpu_check(tmp_path, "--require-gpu", **env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert_one_line_error(proc.stderr, "gpu_check: error: --require-gpu:", reason)
+    assert not (tmp_path / "out").exists()
+
+
+def test_readme_gives_the_device_call(tmp_path):
+    """README "On a GPU": the device call fits the device tool (a command of at most 2,000 characters, a timeout of
+    at most 600 s that covers the check's 8 minutes), carries the wheels, and passes --require-gpu."""
+    readme = (REPO / "README.md").read_text()
+    call = json.loads(re.search(r"```json\n(\{.*?\})\n```", readme[readme.index("### On a GPU"):], re.S).group(1))
+    assert set(call) == {"command", "carry", "timeout_s"}
+    assert len(call["command"]) <= 2000 and 480 < call["timeout_s"] <= 600 and call["carry"] == [".whl"]
+    assert "bash scripts/gpu_check.sh --require-gpu" in call["command"] and '"$OUT"' in call["command"]
 
 
 @pytest.mark.slow

@@ -162,6 +162,23 @@ def test_cpu_defaults_start_without_flags(tmp_path):
     assert MiniDPOConfig(output_dir=str(tmp_path), report_to="none", bf16=True).use_cpu is True
 
 
+def test_bf16_reference_forward_runs_under_autocast_like_the_policy(tmp_path):
+    """The reference of a bf16 run scored per step runs under autocast, as the policy and a precomputed reference
+    do: the pair forward installed over Accelerate's autocast wrapper once reached the compact head (CPU) past it, so
+    the reference ran in fp32."""
+    tok = build_tokenizer()
+    policy, ref = perturbed_policy(tok), build_tiny_model(tok)
+    seen = {"policy": set(), "reference": set()}
+    for role, model in (("policy", policy), ("reference", ref)):
+        model.model.layers[0].self_attn.q_proj.register_forward_hook(
+            lambda _m, _i, out, role=role: seen[role].add(out.dtype))
+    args = MiniDPOConfig(output_dir=str(tmp_path), report_to="none", per_device_train_batch_size=2, max_steps=1,
+                         max_length=128, save_strategy="no", disable_tqdm=True, bf16=True)
+    MiniDPOTrainer(policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(records(False, 2)),
+                   processing_class=tok).train()
+    assert seen == {"policy": {torch.bfloat16}, "reference": {torch.bfloat16}}, seen
+
+
 @pytest.mark.parametrize("options,words", [
     ({"beta": 0.0}, "beta must be > 0, got 0.0"),
     ({"beta": -0.1}, "beta must be > 0, got -0.1"),
