@@ -56,7 +56,7 @@ sys.path.insert(0, str(REPO))
 
 # MiniMind2's real tokenizer (vocab 6400), shipped with the repository (Apache-2.0, see its NOTICE): every shape,
 # the GPU machine's included, gets MiniMind2's vocabulary, never a silent stand-in.
-MINIMIND2_TOKENIZER = REPO / "assets" / "tokenizers" / "minimind2"
+MINIMIND2_TOKENIZER = REPO / "scripts" / "assets" / "tokenizers" / "minimind2"
 SHAPES = {  # hidden, layers, heads, kv heads, intermediate; vocab from the tokenizer, embeddings tied
     "tiny": (64, 2, 4, 2, 176),
     "minimind2-small": (512, 8, 8, 2, 1408),

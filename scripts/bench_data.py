@@ -41,7 +41,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MINIMIND2_TOKENIZER = REPO / "assets" / "tokenizers" / "minimind2"  # shipped with the repository (Apache-2.0, NOTICE)
+# shipped with the repository (Apache-2.0, NOTICE beside it)
+MINIMIND2_TOKENIZER = REPO / "scripts" / "assets" / "tokenizers" / "minimind2"
 
 
 def rss_mb(field: str = "VmRSS") -> float:

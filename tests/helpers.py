@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MINIDPO_SHARED", REPO.parent / "shared"))
 # What the repository ships itself (the MiniMind2 tokenizer, Apache-2.0, see its NOTICE), laid out as ../shared is,
 # so a test that needs only that reads it on a fresh clone, and on the GPU machine, where ../shared does not travel.
-SHIPPED = REPO / "assets"
+SHIPPED = REPO / "scripts" / "assets"
 TRAIN_PY = REPO / "minidpo" / "train.py"
 # Hang guard of a subprocess (a training launch, a bench run): each takes seconds to a minute on 2 idle cores, and
 # must not fail only because the machine is busy (load 8 on 2 cores is 4x slower), so ten times that and more.
@@ -25,7 +25,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def shared_path(*parts) -> Path:
-    """A file the repository ships under assets/, else one under ../shared, else skip the test with the reason (a
+    """A file the repository ships under scripts/assets/, else one under ../shared, else skip the test with the reason (a
     fresh clone outside CI has no ../shared)."""
     if SHIPPED.joinpath(*parts).exists():
         return SHIPPED.joinpath(*parts)
