@@ -49,12 +49,10 @@ from minidpo.errors import UserError
 from minidpo.masking import MASK_MODES, TRUNCATION_MODES, encode_pair, is_scorable
 from minidpo.models import ensure_pad_token, load_tokenizer
 from minidpo.pairs import PAIR_COLUMNS, REF_COLUMNS, PairCollator, pair_lengths
-from minidpo.scoring import COMPACT_FIELDS, expert_count, install_pair_forward, log_probs_only
+from minidpo.scoring import COMPACT_FIELDS, expert_count, install_pair_forward, log_probs_only, recorded_outputs
 
 logger = logging.get_logger(__name__)
 
-# Losses that read per-token log-probs or completion lengths themselves, which length-averaged rows would skew.
-_NOT_WITH_LENGTH_NORMALIZE = {"sft": "its NLL term reads per-token log-probs"}
 # MiniMind's get_lr(step, total, lr) / lr, by the version that introduced it
 _MINIMIND_SCHEDULES = {
     "2510": lambda progress: 0.1 + 0.5 * (1 + math.cos(math.pi * progress)),
@@ -101,8 +99,7 @@ class MiniDPOConfig(DPOConfig):
     checkpointing off.
     Raises `ValueError` at construction, one line naming the option, for an unknown `mask_mode` or
     `truncation_mode`, values out of range (`beta` <= 0, `learning_rate` <= 0, `label_smoothing` outside [0, 0.5),
-    `max_length` < 2), and with `length_normalize=True` for the options that read per-token log-probs themselves
-    (`loss_type: sft`, `use_weighting`, `ld_alpha`).
+    `max_length` < 2).
     """
 
     length_normalize: bool = field(
@@ -171,14 +168,6 @@ class MiniDPOConfig(DPOConfig):
             self.dataloader_pin_memory = False
         super().__post_init__()
         _check_ranges(self)
-        if self.length_normalize:
-            for loss_type in self.loss_type:
-                if loss_type in _NOT_WITH_LENGTH_NORMALIZE:
-                    raise ValueError(f"loss_type={loss_type!r} does not work with length_normalize=True: "
-                                     f"{_NOT_WITH_LENGTH_NORMALIZE[loss_type]}. Set length_normalize: false.")
-            if self.use_weighting or self.ld_alpha is not None:
-                raise ValueError("use_weighting and ld_alpha reweight per-token log-probs and do not combine with "
-                                 "length_normalize=True. Set length_normalize: false to use them.")
 
 
 def _count_each_sequence_once(completion_mask: torch.Tensor) -> torch.Tensor:
@@ -241,6 +230,13 @@ class MiniDPOTrainer(DPOTrainer):
                          processing_class=processing_class, **kwargs)
         # After TRL added its fused LM head (and before any precompute ran, see _precompute_ref_logps).
         self._install_pair_forward()
+        # TRL's sft term is a mean over tokens; averaged, it is a mean over chosen sequences (compute_loss adds it)
+        self.sft_weight = 0.0
+        if args.length_normalize and "sft" in self.loss_types:
+            weights = list(zip(self.loss_types, self.loss_weights, strict=True))
+            self.sft_weight = sum(w for t, w in weights if t == "sft")
+            self.loss_types = [t for t, _ in weights if t != "sft"]
+            self.loss_weights = [w for t, w in weights if t != "sft"]
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
@@ -422,7 +418,27 @@ class MiniDPOTrainer(DPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.args.length_normalize and _TRL_LENGTH_AVERAGED & set(self.loss_types):
             inputs = {**inputs, "completion_mask": _count_each_sequence_once(inputs["completion_mask"])}
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not self.sft_weight:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with recorded_outputs() as seen:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        loss = loss + self.sft_weight * self._averaged_sft(seen[0], inputs["completion_mask"][:, 1:])
+        return (loss, result[1]) if return_outputs else loss
+
+    def _averaged_sft(self, policy, mask):
+        """TRL's sft term on length-averaged log-probs: minus the mean over chosen sequences of their averaged
+        log-prob, scaled by the mean WPO weight of the pairs as TRL scales it."""
+        log_probs = policy.log_probs[:, -mask.size(1):]  # after a prompt-learning adapter's virtual tokens
+        chosen = log_probs.sum(dim=1).chunk(2)[0]
+        sft = -chosen.mean()
+        if self.use_weighting:
+            with torch.no_grad():
+                aligned = (log_probs - policy.log_sum_sq_probs[:, -mask.size(1):]) * mask
+                weights = torch.exp(aligned.sum(dim=1) / mask.sum(dim=1).clamp_min(1))
+                chosen_weights, rejected_weights = weights.chunk(2)
+            sft = sft * (chosen_weights * rejected_weights).mean()
+        return sft
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's card (base model, framework versions, citation) plus minidpo's data, configuration, metrics and plots.

@@ -43,7 +43,8 @@ def reference_loss(policy, ref, encoded, beta, loss_type, average):
 
 def trainer_for(tmp_path, tok, data, loss_type, length_normalize, beta, **kw):
     args = MiniDPOConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=len(data), beta=beta, loss_type=[loss_type],
+        output_dir=str(tmp_path), per_device_train_batch_size=len(data), beta=beta,
+        loss_type=[loss_type] if isinstance(loss_type, str) else loss_type,
         length_normalize=length_normalize, report_to="none", max_length=kw.pop("max_length", 512), **kw)
     return MiniDPOTrainer(perturbed_policy(tok), ref_model=build_tiny_model(tok, seed=0), args=args,
                           train_dataset=Dataset.from_list(data), processing_class=tok)
@@ -78,6 +79,77 @@ def test_loss_and_gradients_match_independent_formula(tmp_path, multi_turn, leng
     torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-7)
     for name, p in policy.named_parameters():
         # fused chunked log-softmax vs full log-softmax: agree to float32 rounding of the largest entries
+        torch.testing.assert_close(got_grads[name], p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item(),
+                                   msg=f"gradient of {name}")
+
+
+def _scored_token_logps(model, ids, mask):
+    """log p and log sum_v p_v^2 of each scored token of one sequence, from full logits (graph kept for log p)."""
+    ids_t = torch.tensor([ids])
+    log_softmax = torch.log_softmax(model(input_ids=ids_t).logits[0, :-1].float(), dim=-1)
+    scored = torch.tensor(mask[1:], dtype=torch.bool)
+    logp = log_softmax.gather(1, ids_t[0, 1:, None])[:, 0][scored]
+    return logp, torch.logsumexp(2 * log_softmax.detach(), dim=-1)[scored]
+
+
+def reference_extended_loss(policy, ref, encoded, beta, loss_type, loss_weights=None, use_weighting=False,
+                            ld_alpha=None):
+    """README's length-averaged sft, WPO and LD-DPO, from full logits: a side's log-prob is (sum over its first
+    s = min(Lc, Lr) scored tokens + ld_alpha * sum over the rest) / L (ld_alpha 1 without LD-DPO); WPO weighs each
+    pair's loss by w_c * w_r, w = exp(mean over scored tokens of log p - log sum p^2); sft is minus the mean
+    over pairs of the chosen side's averaged log-prob (times the mean of w_c * w_r under WPO)."""
+    def side_logps(model, e):
+        sides = [_scored_token_logps(model, e[f"{s}_input_ids"], e[f"{s}_loss_mask"]) for s in ("chosen", "rejected")]
+        shared = min(len(lp) for lp, _ in sides)
+        alpha = 1.0 if ld_alpha is None else ld_alpha
+        logps = [(lp[:shared].sum() + alpha * lp[shared:].sum()) / len(lp) for lp, _ in sides]
+        weights = [torch.exp((lp.detach() - lss).mean()) for lp, lss in sides]
+        return logps, [lp.mean() for lp, _ in sides], weights
+
+    dpo, sft, pair_weights = [], [], []
+    for e in encoded:
+        (pc, pr), (avg_c, _), (wc, wr) = side_logps(policy, e)
+        with torch.no_grad():
+            (rc, rr), _, _ = side_logps(ref, e)
+        pair_weight = wc * wr if use_weighting else torch.tensor(1.0)
+        dpo.append(-F.logsigmoid(beta * ((pc - rc) - (pr - rr))) * pair_weight)
+        sft.append(-avg_c)
+        pair_weights.append(pair_weight)
+    terms = {"sigmoid": torch.stack(dpo).mean(), "sft": torch.stack(sft).mean() * torch.stack(pair_weights).mean()}
+    return sum(w * terms[t] for t, w in zip(loss_type, loss_weights or [1.0] * len(loss_type)))
+
+
+@pytest.mark.parametrize("options", [
+    {"loss_type": ["sft"]},
+    {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
+    {"loss_type": ["sigmoid"], "use_weighting": True},
+    {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.3], "use_weighting": True},
+    {"loss_type": ["sigmoid"], "ld_alpha": 0.5},
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_sft_wpo_and_ld_dpo_length_averaged_match_independent_formula(tmp_path, options):
+    tok = build_tokenizer()
+    data = records(True)
+    beta = 5.0
+    trainer = trainer_for(tmp_path, tok, data, length_normalize=True, beta=beta, **options)
+    encoded = [trainer.train_dataset[i] for i in range(len(data))]
+    lengths = [(sum(e["chosen_loss_mask"]), sum(e["rejected_loss_mask"])) for e in encoded]
+    assert any(c != r for c, r in lengths), "LD-DPO's shared part would be the whole of both sides"
+    model = trainer.model
+    model.train()
+    loss = trainer.compute_loss(model, trainer.data_collator(encoded))
+    loss.backward()
+    got_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    policy, ref = perturbed_policy(tok), build_tiny_model(tok, seed=0)
+    policy.train()
+    expected = reference_extended_loss(policy, ref, encoded, beta, **options)
+    expected.backward()
+
+    summed = reference_extended_loss(policy, ref, encoded, beta, **{**options, "ld_alpha": None, "use_weighting": False})
+    assert abs(summed.item() - expected.item()) > 1e-3 or options["loss_type"] == ["sft"] or \
+        not ({"use_weighting", "ld_alpha"} & set(options)), "the option changes nothing here and proves nothing"
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-7)
+    for name, p in policy.named_parameters():
         torch.testing.assert_close(got_grads[name], p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item(),
                                    msg=f"gradient of {name}")
 
@@ -133,8 +205,6 @@ def test_trains_on_exactly_encode_pair_masks(tmp_path):
 
 
 def test_config_rejects_incompatible_losses(tmp_path):
-    with pytest.raises(ValueError, match="length_normalize"):
-        MiniDPOConfig(output_dir=str(tmp_path), loss_type=["sft"], report_to="none")
     with pytest.raises(ValueError, match="mask_mode"):
         MiniDPOConfig(output_dir=str(tmp_path), mask_mode="all", report_to="none")
     cfg = MiniDPOConfig(output_dir=str(tmp_path), report_to="none")
