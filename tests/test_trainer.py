@@ -593,3 +593,65 @@ def test_minimind_order_under_ddp_is_distributed_samplers(n):
             minimind.set_epoch(epoch)
             share = list(minimind)
             assert dealt == [share[i:i + batch] for i in range(0, len(share), batch)], (epoch, rank)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_empty_think_draws_are_minimind_dataloaders(num_workers, world):
+    """minimind-3's draws, from its own loop run for real: setup_seed(42 + epoch), randperm, DistributedSampler under
+    DDP, torch's DataLoader (its workers seeded by torch), a dataset whose __getitem__ removes the block from each
+    side's text as MiniMind's post_processing_chat does. Renders without a block draw nothing."""
+    import random
+
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+
+    from minidpo.trainer import EmptyThinkDraws, MiniMindOrder
+
+    # one process: a last partial batch; two: shares of whole batches (Accelerate splits a partial one its own way)
+    n, batch, block = 22 if world == 1 else 24, 4, "<think>\n\n</think>\n\n"
+    texts = [(f"a{block}b" if i % 3 else "ab", f"c{block}d" if i % 4 != 1 else "cd") for i in range(n)]
+
+    def post_processing_chat(text, empty_think_ratio=0.2):
+        if block in text and random.random() > empty_think_ratio:
+            text = text.replace(block, "")
+        return text
+
+    class MiniMindPairs(torch.utils.data.Dataset):
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            chosen = post_processing_chat(texts[i][0])
+            rejected = post_processing_chat(texts[i][1])
+            return i, chosen != texts[i][0], rejected != texts[i][1]
+
+    state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for epoch in (0, 1):
+                order = MiniMindOrder(n, batch, world=world,
+                                      think=EmptyThinkDraws([(block in c, block in r) for c, r in texts], 0.2,
+                                                            num_workers))
+                order.set_epoch(epoch)
+                for rank in range(world):
+                    sampler = None
+                    if world > 1:
+                        sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=0)
+                        sampler.set_epoch(epoch)
+                    random.seed(42 + epoch)
+                    torch.manual_seed(42 + epoch)
+                    indices = torch.randperm(n).tolist()
+                    loader = DataLoader(MiniMindPairs(), batch_sampler=list(BatchSampler(sampler or indices, batch,
+                                                                                         False)),
+                                        num_workers=num_workers, collate_fn=list)
+                    expected = [pair for b in loader for pair in b]
+                    batches = BatchSampler(order, batch, drop_last=False)
+                    if world > 1:  # Accelerate deals batches to the processes only when there are several
+                        batches = BatchSamplerShard(batches, num_processes=world, process_index=rank)
+                    dealt = [pair for b in batches for pair in b]
+                    assert dealt == expected, (epoch, rank)
+                    drops = [d for _, *ds in expected for d in ds]
+                    assert 0 < sum(drops) < len(drops), "every draw alike proves little"
+    finally:
+        random.setstate(state)
