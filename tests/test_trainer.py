@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from helpers import perturbed_policy, seq_logp, to_trl
+from helpers import EMPTY_THINK_BLOCK, perturbed_policy, post_processing_chat, seq_logp, to_trl
 from minidpo.embedded import build_tiny_model, build_tokenizer, make_preference_records
 from minidpo.trainer import MiniDPOConfig, MiniDPOTrainer
 
@@ -239,6 +239,12 @@ def test_cpu_defaults_start_without_flags(tmp_path):
     ({"label_smoothing": 0.5}, "label_smoothing must be in [0, 0.5)"),
     ({"loss_type": ["exo_pair"]}, "exo_pair needs label_smoothing > 0"),
     ({"max_length": 1}, "max_length must be at least 2"),
+    ({"empty_think_keep_ratio": 1.5}, "empty_think_keep_ratio must be in [0, 1]"),
+    ({"minimind_num_workers": -1}, "minimind_num_workers must be >= 0"),
+    ({"empty_think_keep_ratio": 0.2}, "set minimind_data_order: true"),
+    ({"empty_think_keep_ratio": 0.2, "minimind_data_order": True, "mask_mode": "last-turn"}, "set mask_mode: minimind"),
+    ({"empty_think_keep_ratio": 0.2, "minimind_data_order": True, "precompute_ref_log_probs": True},
+     "set precompute_ref_log_probs: false"),
 ], ids=lambda x: str(x) if isinstance(x, dict) else "")
 def test_values_out_of_range_are_refused_naming_the_option(tmp_path, options, words):
     with pytest.raises(ValueError) as e:
@@ -609,13 +615,8 @@ def test_empty_think_draws_are_minimind_dataloaders(num_workers, world):
     from minidpo.trainer import EmptyThinkDraws, MiniMindOrder
 
     # one process: a last partial batch; two: shares of whole batches (Accelerate splits a partial one its own way)
-    n, batch, block = 22 if world == 1 else 24, 4, "<think>\n\n</think>\n\n"
+    n, batch, block = 22 if world == 1 else 24, 4, EMPTY_THINK_BLOCK
     texts = [(f"a{block}b" if i % 3 else "ab", f"c{block}d" if i % 4 != 1 else "cd") for i in range(n)]
-
-    def post_processing_chat(text, empty_think_ratio=0.2):
-        if block in text and random.random() > empty_think_ratio:
-            text = text.replace(block, "")
-        return text
 
     class MiniMindPairs(torch.utils.data.Dataset):
         def __len__(self):
@@ -655,3 +656,61 @@ def test_empty_think_draws_are_minimind_dataloaders(num_workers, world):
                     assert 0 < sum(drops) < len(drops), "every draw alike proves little"
     finally:
         random.setstate(state)
+
+
+def test_renders_without_empty_think_blocks_score_minimind_sequences(tmp_path):
+    """minimind-3's tokenizer, chosen and rejected each with or without their empty think blocks (in multi-turn
+    pairs they then differ inside the prompt): the packed pair rows' loss and gradients equal full-logit ones on
+    MiniMind's own sequences and masks (helpers.minimind_reference after the removal)."""
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from helpers import minimind_reference, shared_path
+    from minidpo.masking import common_prefix
+    from minidpo.trainer import Renders
+
+    tok = AutoTokenizer.from_pretrained(shared_path("tokenizers", "minimind3"))
+    pool = make_preference_records(40, seed=4, multi_turn_fraction=0.5)
+    multi = [r for r in pool if sum(m["role"] == "assistant" for m in r["chosen"]) > 1]
+    records = multi[:2] + [r for r in pool if r not in multi][:2]
+    config = Qwen3Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16, intermediate_size=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    ref = Qwen3ForCausalLM(config)
+    policy = Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        for p, q in zip(policy.parameters(), ref.parameters()):
+            p.copy_(q + 0.3 * torch.randn_like(q))
+    expected_policy = Qwen3ForCausalLM(config)
+    expected_policy.load_state_dict(policy.state_dict())
+    args = MiniDPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, beta=0.05, report_to="none",
+                         length_normalize=False, max_length=256, empty_think_keep_ratio=0.2, minimind_data_order=True)
+    trainer = MiniDPOTrainer(policy, ref_model=ref, args=args, train_dataset=Dataset.from_list([to_trl(r) for r in records]),
+                             processing_class=tok)
+    keys = [(0, True, False), (1, False, True), (2, True, True), (3, False, False)]
+    rows = [Renders(trainer.train_dataset)[k] for k in keys]
+    assert common_prefix(rows[0]["chosen_input_ids"], rows[0]["rejected_input_ids"]) < len(rows[0]["prompt_ids"])
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, trainer.data_collator(rows))
+    loss.backward()
+
+    def strip(text):
+        return text.replace(EMPTY_THINK_BLOCK, "")
+
+    def summed(model, record, side, drop):
+        x, y, mask = minimind_reference(record[side], tok, 256, strip if drop else None)
+        logp = torch.log_softmax(model(input_ids=torch.tensor([x])).logits[0].float(), -1)
+        return (logp.gather(1, torch.tensor(y)[:, None])[:, 0] * torch.tensor(mask)).sum()
+
+    losses = []
+    for i, drop_chosen, drop_rejected in keys:
+        r = records[i]
+        with torch.no_grad():
+            ref_delta = summed(ref, r, "chosen", drop_chosen) - summed(ref, r, "rejected", drop_rejected)
+        delta = summed(expected_policy, r, "chosen", drop_chosen) - summed(expected_policy, r, "rejected", drop_rejected)
+        losses.append(-F.logsigmoid(0.05 * (delta - ref_delta)))
+    expected = torch.stack(losses).mean()
+    expected.backward()
+    assert abs(expected.item() - 0.6931) > 1e-2
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(trainer.model.named_parameters(), expected_policy.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * q.grad.abs().max().item(), msg=name)
