@@ -161,10 +161,11 @@ class MiniDPOConfig(DPOConfig):
     )
     empty_think_keep_ratio: float = field(
         default=1.0,
-        metadata={"help": "Keep the chat template's empty '<think>\\n\\n</think>\\n\\n' blocks in this share of renders, "
-                          "as minimind-3's DPODataset does (0.2 there): each side of a pair, each time an epoch reads "
-                          "it, loses every such block when Python's random.random() > this ratio, with MiniMind's "
-                          "draws (its seeds, workers and order; needs minimind_data_order). 1.0 keeps every block."},
+        metadata={"help": "Keep the chat template's empty '<think>\\n\\n</think>\\n\\n' blocks in this share of "
+                          "renders, as minimind-3's DPODataset does (0.2 there): each side of a pair, each time an "
+                          "epoch reads it, loses every such block when Python's random.random() > this ratio, with "
+                          "MiniMind's draws (its seeds, workers and order; needs minimind_data_order). 1.0 keeps every "
+                          "block."},
     )
     minimind_num_workers: int = field(
         default=0,

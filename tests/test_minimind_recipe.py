@@ -4,9 +4,10 @@ The reference is an independent re-implementation of MiniMind's loop (no minidpo
 marker search over ids padded to max_length, `helpers.minimind_reference`; for minimind-3 each side's render passes
 through its post_processing_chat, `helpers.post_processing_chat`, which drops the empty think blocks at random with
 Python's `random`), each epoch `setup_seed(42 + epoch)` (Python's and torch's generators) + `torch.randperm` read in
-consecutive batches of 4 by a torch DataLoader (minimind-3: 2 workers, seeded by torch as MiniMind's are), `get_lr(epoch * iters + step, epochs * iters, lr)` set
-before each batch from step 1, full-vocabulary log-softmax, its dpo_loss (length-averaged with clamp_min(1e-8) for
-MiniMind2, summed for minimind-3), `optim.AdamW(model.parameters())` and `clip_grad_norm_`. It and `minidpo train
+consecutive batches of 4 by a torch DataLoader (minimind-3: 2 workers, seeded by torch as MiniMind's are),
+`get_lr(epoch * iters + step, epochs * iters, lr)` set before each batch from step 1, full-vocabulary log-softmax,
+its dpo_loss (length-averaged with clamp_min(1e-8) for MiniMind2, summed for minimind-3),
+`optim.AdamW(model.parameters())` and `clip_grad_norm_`. It and `minidpo train
 --config configs/...` (sizes overridden on the command line, as a MiniMind user overrides its flags) train the same
 MiniMind-made tiny checkpoint from ../shared on the same pairs.
 """
