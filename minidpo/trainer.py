@@ -435,6 +435,9 @@ class MiniDPOTrainer(DPOTrainer):
                 columns = [c for c in columns if c != "prompt"] + ["prompt"]
             encode_kwargs = dict(map_kwargs)
             no_think = args.empty_think_keep_ratio < 1
+            if no_think and iterable:
+                raise ValueError(f"{dataset_name} dataset: empty_think_keep_ratio < 1 draws along MiniMind's order, "
+                                 "which indexes the pairs: pass a Dataset, not an IterableDataset")
             if not iterable:
                 # The fingerprint names the cache files of this map and of TRL's precomputed reference log-probs,
                 # so it carries every setting those depend on (length_normalize changes the reference values).

@@ -513,6 +513,10 @@ def test_iterable_datasets_train_and_refuse_precompute_with_trls_message(tmp_pat
         MiniDPOTrainer(build_tiny_model(tok), args=MiniDPOConfig(output_dir=str(tmp_path), report_to="none",
                                                                  max_steps=2, precompute_ref_log_probs=True),
                        train_dataset=stream, processing_class=tok)
+    with pytest.raises(ValueError, match="empty_think_keep_ratio < 1 draws along MiniMind's order"):
+        MiniDPOTrainer(build_tiny_model(tok), ref_model=build_tiny_model(tok), processing_class=tok,
+                       args=MiniDPOConfig(output_dir=str(tmp_path), report_to="none", max_steps=2,
+                                          empty_think_keep_ratio=0.2, minimind_data_order=True), train_dataset=stream)
 
 
 def test_dicts_of_eval_datasets_are_each_prepared_and_evaluated(tmp_path):
