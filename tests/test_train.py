@@ -229,7 +229,8 @@ ERROR_CASES = {
                                            ["empty_think_keep_ratio < 1", "minimind_data_order: true"]),
     "empty-think-without-markers": (
         lambda a, t: {"empty_think_keep_ratio": 0.2, "minimind_data_order": True,
-                      "model_name_or_path": str(save_small_model(t / "m", lambda tok: setattr(tok, "bos_token", None)))},
+                      "model_name_or_path": str(save_small_model(t / "m",
+                                                                 lambda tok: setattr(tok, "bos_token", None)))},
         ["empty_think_keep_ratio < 1", "MiniMind's markers"]),
     "output-dir-holding-another-run": (lambda a, t: {"output_dir": str(_holding_a_run(t / "run"))},
                                        ["already holds a run", "summary.json", "checkpoint-2",
