@@ -36,6 +36,10 @@ MASK_MODES = ("minimind", "last-turn")
 DEFAULT_MAX_LENGTH = 1024  # TRL's DPOConfig default, for tools that cut pairs as training will
 TRUNCATION_MODES = ("keep_start", "keep_end")
 SIDES = ("chosen", "rejected")
+# What minimind-3's chat template writes before an answer without reasoning; its DPODataset removes it at random
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+# Per side, the sequence with every empty think block removed (empty when its render has none)
+NO_THINK = "_no_think"
 
 
 @dataclass(frozen=True)
@@ -212,13 +216,15 @@ def _truncate(ids: list[int], mask: list[int], max_length, truncation_mode: str)
     return ids[:max_length], mask[:max_length]
 
 
-def _encode_side(messages, tokenizer, max_length, mask_mode, side, kwargs, truncation_mode) -> _Encoded:
+def _encode_side(messages, tokenizer, max_length, mask_mode, side, kwargs, truncation_mode,
+                 text: str | None = None) -> _Encoded:
+    """One side's ids and mask; `text`: its render, when the caller altered it (minimind mode, MiniMind's markers)."""
     scheme = _scheme(tokenizer)
     issues: list[Issue] = []
     n_turns = sum(m["role"] == "assistant" for m in messages)
     if mask_mode == "minimind" and scheme.bos_ids is not None:
         # Exactly MiniMind's call: default special-token handling, keep-start truncation.
-        full = ids = tokenizer(render(messages, tokenizer, **kwargs))["input_ids"]
+        full = ids = tokenizer(render(messages, tokenizer, **kwargs) if text is None else text)["input_ids"]
         full_spans = minimind_spans(ids, scheme.bos_ids, scheme.eos_ids)
         if len(full_spans) != n_turns:
             issues.append(Issue(
@@ -286,16 +292,22 @@ def _encode_text_pair(record, tokenizer, max_length, truncation_mode):
 
 
 def diagnose_pair(record: dict, tokenizer, max_length: int | None = None, mask_mode: str = "minimind",
-                  truncation_mode: str = "keep_start"):
+                  truncation_mode: str = "keep_start", no_think: bool = False):
     """`encode_pair`'s output plus the list of `Issue`s found on the way (fatal ones mean: do not train on it)."""
     if mask_mode not in MASK_MODES:
         raise RecordError("bad_mask_mode", f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
     if truncation_mode not in TRUNCATION_MODES:
         raise RecordError("bad_truncation_mode", f"truncation_mode must be one of {TRUNCATION_MODES}, "
                                                  f"got {truncation_mode!r}")
-    out, issues = (_encode_text_pair(record, tokenizer, max_length, truncation_mode)
-                   if isinstance(record["prompt"], str) else
-                   _encode_messages_pair(record, tokenizer, max_length, mask_mode, truncation_mode))
+    if no_think and not (mask_mode == "minimind" and uses_minimind_markers(tokenizer)):
+        raise RecordError("no_think_needs_markers", "removing empty think blocks reproduces minimind-3's DPODataset, "
+                          "which scores by MiniMind's markers: it needs mask_mode 'minimind' and a tokenizer with them")
+    if isinstance(record["prompt"], str):
+        out, issues = _encode_text_pair(record, tokenizer, max_length, truncation_mode)
+        if no_think:
+            out.update({f"{side}{NO_THINK}_{k}": [] for side in SIDES for k in ("input_ids", "loss_mask")})
+    else:
+        out, issues = _encode_messages_pair(record, tokenizer, max_length, mask_mode, truncation_mode, no_think)
     if is_scorable(out) and all(out[f"chosen_{k}"] == out[f"rejected_{k}"] for k in ("input_ids", "loss_mask")):
         # the answers differ only beyond max_length: both sides score the same tokens, the log-ratios cancel and
         # the pair trains at loss ln 2, teaching nothing
@@ -305,16 +317,24 @@ def diagnose_pair(record: dict, tokenizer, max_length: int | None = None, mask_m
     return out, issues
 
 
-def _encode_messages_pair(record: dict, tokenizer, max_length, mask_mode: str, truncation_mode: str):
+def _encode_messages_pair(record: dict, tokenizer, max_length, mask_mode: str, truncation_mode: str,
+                          no_think: bool = False):
     out, issues, full = {}, [], {}
     kwargs = template_kwargs(record)
     for side in SIDES:
-        enc = _encode_side(record["prompt"] + record[side], tokenizer, max_length, mask_mode, side, kwargs,
-                           truncation_mode)
+        messages = record["prompt"] + record[side]
+        enc = _encode_side(messages, tokenizer, max_length, mask_mode, side, kwargs, truncation_mode)
         out[f"{side}_input_ids"] = enc.ids
         out[f"{side}_loss_mask"] = enc.mask
         full[side] = enc.full_ids
         issues += enc.issues
+        if no_think:
+            # MiniMind's post_processing_chat: a plain text replace over the whole render, every turn at once
+            text = render(messages, tokenizer, **kwargs)
+            bare = (_encode_side(messages, tokenizer, max_length, mask_mode, side, kwargs, truncation_mode,
+                                 text.replace(EMPTY_THINK, "")) if EMPTY_THINK in text else _Encoded([], [], [], []))
+            out[f"{side}{NO_THINK}_input_ids"], out[f"{side}{NO_THINK}_loss_mask"] = bare.ids, bare.mask
+            issues += [i for i in bare.issues if i.fatal]
     # TRL's prompt_ids: the prompt with the generation prompt, tokenized as the sequences are, cut where they diverge
     prompt = render(record["prompt"], tokenizer, add_generation_prompt=True, **kwargs)
     marker_search = mask_mode == "minimind" and _scheme(tokenizer).bos_ids is not None
@@ -324,12 +344,14 @@ def _encode_messages_pair(record: dict, tokenizer, max_length, mask_mode: str, t
 
 
 def is_scorable(encoded: dict) -> bool:
-    """Both sides of an `encode_pair` result score at least one token (else the pair carries no DPO signal)."""
-    return any(encoded["chosen_loss_mask"]) and any(encoded["rejected_loss_mask"])
+    """Both sides of an `encode_pair` result score at least one token (else the pair carries no DPO signal), and so
+    do the sequences without empty think blocks it holds."""
+    return all(any(encoded[f"{side}{variant}_loss_mask"]) for side in SIDES for variant in ("", NO_THINK)
+               if encoded.get(f"{side}{variant}_input_ids"))
 
 
 def encode_pair(record: dict, tokenizer, max_length: int | None = None, mask_mode: str = "minimind",
-                truncation_mode: str = "keep_start") -> dict:
+                truncation_mode: str = "keep_start", no_think: bool = False) -> dict:
     """Token ids and loss masks of both sides of a TRL preference record with an explicit prompt.
 
     Conversational records (message lists; `tools` and `chat_template_kwargs` honoured) are scored by `mask_mode`:
@@ -337,6 +359,9 @@ def encode_pair(record: dict, tokenizer, max_length: int | None = None, mask_mod
     completion, as TRL does. Returns plain lists `chosen_input_ids`, `chosen_loss_mask`, `rejected_input_ids`,
     `rejected_loss_mask`, cut to `max_length` (keeping the start, or the end with `truncation_mode="keep_end"`):
     `loss_mask[i] == 1` means token `i` is scored, i.e. predicted from position `i - 1` (never true for `i == 0`);
-    and `prompt_ids`, the tokens both sequences start with (TRL's prompt, for the record).
+    and `prompt_ids`, the tokens both sequences start with (TRL's prompt, for the record). With `no_think`, also
+    `chosen_no_think_input_ids`, `chosen_no_think_loss_mask` and the rejected ones: the side rendered with every
+    empty `<think>\n\n</think>\n\n` block removed, as minimind-3's DPODataset removes them (empty lists when the
+    render has none); `minimind` mode with MiniMind's markers only.
     """
-    return diagnose_pair(record, tokenizer, max_length, mask_mode, truncation_mode)[0]
+    return diagnose_pair(record, tokenizer, max_length, mask_mode, truncation_mode, no_think)[0]

@@ -38,6 +38,8 @@ PAIR_ATTENTION = "minidpo_pair_sdpa"
 SCORING_VERSION = "minidpo.scoring/2"
 # Set by `log_probs_only()`: forwards whose caller reads nothing but the log-probs (the reference precompute).
 _LOG_PROBS_ONLY = contextvars.ContextVar("minidpo_log_probs_only", default=False)
+# Set by `recorded_outputs()`: the list the pair forwards append their outputs to.
+_SEEN = contextvars.ContextVar("minidpo_recorded_outputs", default=None)
 # [tokens, vocab] elements of one fp32 logits tile in the compact head (64 MiB): bounds its memory for any vocabulary.
 _TILE_ELEMENTS = 1 << 24
 
@@ -80,11 +82,31 @@ def install_pair_forward(model, length_normalize: bool = True, share_prompt: boo
                                                                                        kwargs)
         if length_normalize:
             scored = (shift_labels if shift_labels is not None else labels[:, 1:]) != -100
-            out.log_probs = out.log_probs / scored.sum(dim=-1, keepdim=True).clamp(min=1)
+            averaged = out.log_probs / scored.sum(dim=-1, keepdim=True).clamp(min=1)
+            if getattr(out, "log_sum_sq_probs", None) is not None:
+                # WPO's weight is exp(mean over the row of log p - log sum p^2), which TRL takes as that row's sum
+                # over its length: shift the field by what averaging took off log p, so the difference stays per token
+                out.log_sum_sq_probs = out.log_sum_sq_probs - (out.log_probs - averaged).detach()
+            out.log_probs = averaged
+        seen = _SEEN.get()
+        if seen is not None:
+            seen.append(out)
         return out
 
     model.forward = forward
     return refusal
+
+
+@contextlib.contextmanager
+def recorded_outputs():
+    """The fused-head outputs of the pair forwards run inside, in call order (in TRL's loss the policy's first),
+    as the loss reads them (averaged when length-normalizing)."""
+    seen = []
+    token = _SEEN.set(seen)
+    try:
+        yield seen
+    finally:
+        _SEEN.reset(token)
 
 
 @contextlib.contextmanager

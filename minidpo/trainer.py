@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,16 +44,17 @@ from trl.models import prepare_deepspeed
 
 from minidpo import distributed, ref_cache, training_report
 from minidpo.console import say
-from minidpo.masking import MASK_MODES, TRUNCATION_MODES, encode_pair, is_scorable
+from minidpo.errors import RecordError
+from minidpo.masking import MASK_MODES, NO_THINK, SIDES, TRUNCATION_MODES, encode_pair, is_scorable
 from minidpo.models import ensure_pad_token, load_tokenizer, use_pad_token
 from minidpo.pairs import PAIR_COLUMNS, REF_COLUMNS, PairCollator, pair_lengths
 from minidpo.scoring import (COMPACT_FIELDS, SCORING_VERSION, expert_count, install_pair_forward,
-                             log_probs_only)
+                             log_probs_only, recorded_outputs)
 
 logger = logging.get_logger(__name__)
 
-# Losses that read per-token log-probs or completion lengths themselves, which length-averaged rows would skew.
-_NOT_WITH_LENGTH_NORMALIZE = {"sft": "its NLL term reads per-token log-probs"}
+NO_THINK_COLUMNS = tuple(f"{side}{NO_THINK}_{k}" for side in SIDES for k in ("input_ids", "loss_mask"))
+
 # MiniMind's get_lr(step, total, lr) / lr, by the version that introduced it
 _MINIMIND_SCHEDULES = {
     "2510": lambda progress: 0.1 + 0.5 * (1 + math.cos(math.pi * progress)),
@@ -90,6 +92,25 @@ def _check_ranges(args) -> None:
                          f"{args.max_length}")
 
 
+def _check_empty_think(args) -> None:
+    if not 0 <= args.empty_think_keep_ratio <= 1:
+        raise ValueError(f"empty_think_keep_ratio must be in [0, 1], got {args.empty_think_keep_ratio}: the share of "
+                         "renders that keep their empty think blocks")
+    if args.minimind_num_workers < 0:
+        raise ValueError(f"minimind_num_workers must be >= 0, got {args.minimind_num_workers}")
+    if args.empty_think_keep_ratio == 1:
+        return
+    if not args.minimind_data_order:
+        raise ValueError("empty_think_keep_ratio < 1 draws MiniMind's random numbers along MiniMind's batch order: "
+                         "set minimind_data_order: true")
+    if args.mask_mode != "minimind":
+        raise ValueError("empty_think_keep_ratio < 1 reproduces minimind-3's DPODataset, which scores by MiniMind's "
+                         "markers: set mask_mode: minimind")
+    if args.precompute_ref_log_probs:
+        raise ValueError("empty_think_keep_ratio < 1 renders each pair anew every epoch, while "
+                         "precompute_ref_log_probs scores each pair once: set precompute_ref_log_probs: false")
+
+
 @dataclass
 class MiniDPOConfig(DPOConfig):
     """`trl.DPOConfig` plus MiniMind's scoring (`length_normalize`, `mask_mode`) and minidpo's speed levers.
@@ -99,8 +120,8 @@ class MiniDPOConfig(DPOConfig):
     checkpointing off.
     Raises `ValueError` at construction, one line naming the option, for an unknown `mask_mode` or
     `truncation_mode`, values out of range (`beta` <= 0, `learning_rate` <= 0, `label_smoothing` outside [0, 0.5),
-    `max_length` < 2), and with `length_normalize=True` for the options that read per-token log-probs themselves
-    (`loss_type: sft`, `use_weighting`, `ld_alpha`).
+    `max_length` < 2), and for `empty_think_keep_ratio` < 1 without `minimind_data_order` and `mask_mode: minimind`
+    or with `precompute_ref_log_probs`.
     """
 
     length_normalize: bool = field(
@@ -137,6 +158,20 @@ class MiniDPOConfig(DPOConfig):
                           "torch.randperm, consecutive batches; under several processes, torch's DistributedSampler "
                           "order (seed 0), as MiniMind's DDP runs read it. Default: the Trainer's shuffle."},
     )
+    empty_think_keep_ratio: float = field(
+        default=1.0,
+        metadata={"help": "Keep the chat template's empty '<think>\\n\\n</think>\\n\\n' blocks in this share of "
+                          "renders, as minimind-3's DPODataset does (0.2 there): each side of a pair, each time an "
+                          "epoch reads it, loses every such block when Python's random.random() > this ratio, with "
+                          "MiniMind's draws (its seeds, workers and order; needs minimind_data_order). 1.0 keeps every "
+                          "block."},
+    )
+    minimind_num_workers: int = field(
+        default=0,
+        metadata={"help": "MiniMind's --num_workers (8 by default there): its DataLoader workers seed the random "
+                          "draws of empty_think_keep_ratio, so the same count gives the same draws. minidpo's own "
+                          "loading is dataloader_num_workers."},
+    )
     decay_all_parameters: bool = field(
         default=False,
         metadata={"help": "Weight decay on every parameter, norms and biases included, as MiniMind's "
@@ -169,14 +204,7 @@ class MiniDPOConfig(DPOConfig):
             self.dataloader_pin_memory = False
         super().__post_init__()
         _check_ranges(self)
-        if self.length_normalize:
-            for loss_type in self.loss_type:
-                if loss_type in _NOT_WITH_LENGTH_NORMALIZE:
-                    raise ValueError(f"loss_type={loss_type!r} does not work with length_normalize=True: "
-                                     f"{_NOT_WITH_LENGTH_NORMALIZE[loss_type]}. Set length_normalize: false.")
-            if self.use_weighting or self.ld_alpha is not None:
-                raise ValueError("use_weighting and ld_alpha reweight per-token log-probs and do not combine with "
-                                 "length_normalize=True. Set length_normalize: false to use them.")
+        _check_empty_think(self)
 
 
 def _count_each_sequence_once(completion_mask: torch.Tensor) -> torch.Tensor:
@@ -249,6 +277,13 @@ class MiniDPOTrainer(DPOTrainer):
                 unwrapped.generation_config.pad_token_id = tokenizer.pad_token_id
         # After TRL added its fused LM head (and before any precompute ran, see _precompute_ref_logps).
         self._install_pair_forward()
+        # TRL's sft term is a mean over tokens; averaged, it is a mean over chosen sequences (compute_loss adds it)
+        self.sft_weight = 0.0
+        if args.length_normalize and "sft" in self.loss_types:
+            weights = list(zip(self.loss_types, self.loss_weights, strict=True))
+            self.sft_weight = sum(w for t, w in weights if t == "sft")
+            self.loss_types = [t for t, _ in weights if t != "sft"]
+            self.loss_weights = [w for t, w in weights if t != "sft"]
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
@@ -351,11 +386,22 @@ class MiniDPOTrainer(DPOTrainer):
             logps[idx] = values
         return logps
 
+    def get_train_dataloader(self):
+        if self.args.empty_think_keep_ratio == 1 or not isinstance(self.train_dataset, Dataset):
+            return super().get_train_dataloader()
+        return self._get_dataloader(dataset=Renders(self.train_dataset), description="Training",
+                                    batch_size=self._train_batch_size, sampler_fn=self._get_train_sampler,
+                                    is_training=True)
+
     def _get_train_sampler(self, train_dataset=None):
         train_dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self.args.minimind_data_order and isinstance(train_dataset, Dataset):
+        if self.args.minimind_data_order and isinstance(train_dataset, (Dataset, Renders)):
+            think = None
+            if isinstance(train_dataset, Renders):
+                think = EmptyThinkDraws(train_dataset.with_blocks(), self.args.empty_think_keep_ratio,
+                                        self.args.minimind_num_workers)
             return MiniMindOrder(len(train_dataset), self.args.per_device_train_batch_size,
-                                 self.accelerator.num_processes, self.accelerator.process_index)
+                                 self.accelerator.num_processes, self.accelerator.process_index, think)
         # Transformers' group_by_length looks for an `input_ids` column; a pair's cost is its two sequences.
         if (self.args.train_sampling_strategy == "group_by_length" and isinstance(train_dataset, Dataset)
                 and self.args.length_column_name not in train_dataset.column_names):
@@ -405,18 +451,22 @@ class MiniDPOTrainer(DPOTrainer):
                                       **({} if iterable else {"desc": f"Extracting the {dataset_name} prompts"}))
                 columns = [c for c in columns if c != "prompt"] + ["prompt"]
             encode_kwargs = dict(map_kwargs)
+            no_think = args.empty_think_keep_ratio < 1
+            if no_think and iterable:
+                raise ValueError(f"{dataset_name} dataset: empty_think_keep_ratio < 1 draws along MiniMind's order, "
+                                 "which indexes the pairs: pass a Dataset, not an IterableDataset")
             if not iterable:
                 # The fingerprint names the cache files of this map and of TRL's precomputed reference log-probs,
                 # so it carries every setting those depend on (length_normalize changes the reference values).
                 encode_kwargs.update(
                     new_fingerprint=Hasher.hash((dataset._fingerprint, tokenizer, args.max_length, args.mask_mode,
-                                                 args.truncation_mode, args.length_normalize,
+                                                 args.truncation_mode, args.length_normalize, no_think,
                                                  "minidpo.encode_pair/2", SCORING_VERSION)),
                     desc=f"Encoding {dataset_name} pairs ({args.mask_mode} masks)")
             dataset = dataset.map(
                 _encode_example, remove_columns=columns, **encode_kwargs,
                 fn_kwargs={"tokenizer": tokenizer, "max_length": args.max_length, "mask_mode": args.mask_mode,
-                           "truncation_mode": args.truncation_mode})
+                           "truncation_mode": args.truncation_mode, "no_think": no_think})
             n = None if iterable else len(dataset)
             dataset = dataset.filter(is_scorable, **map_kwargs)
         if n is not None:
@@ -433,12 +483,32 @@ class MiniDPOTrainer(DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = list(PAIR_COLUMNS) + list(REF_COLUMNS)
+            self._signature_columns = list(PAIR_COLUMNS) + list(REF_COLUMNS) + list(NO_THINK_COLUMNS)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.args.length_normalize and _TRL_LENGTH_AVERAGED & set(self.loss_types):
             inputs = {**inputs, "completion_mask": _count_each_sequence_once(inputs["completion_mask"])}
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not self.sft_weight:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with recorded_outputs() as seen:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        loss = loss + self.sft_weight * self._averaged_sft(seen[0], inputs["completion_mask"][:, 1:])
+        return (loss, result[1]) if return_outputs else loss
+
+    def _averaged_sft(self, policy, mask):
+        """TRL's sft term on length-averaged log-probs: minus the mean over chosen sequences of their averaged
+        log-prob, scaled by the mean WPO weight of the pairs as TRL scales it."""
+        log_probs = policy.log_probs[:, -mask.size(1):]  # after a prompt-learning adapter's virtual tokens
+        chosen = log_probs.sum(dim=1).chunk(2)[0]
+        sft = -chosen.mean()
+        if self.use_weighting:
+            with torch.no_grad():
+                aligned = (log_probs - policy.log_sum_sq_probs[:, -mask.size(1):]) * mask
+                weights = torch.exp(aligned.sum(dim=1) / mask.sum(dim=1).clamp_min(1))
+                chosen_weights, rejected_weights = weights.chunk(2)
+            sft = sft * (chosen_weights * rejected_weights).mean()
+        return sft
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's card (base model, framework versions, citation) plus minidpo's data, configuration, metrics and plots.
@@ -468,35 +538,107 @@ class MiniMindOrder(torch.utils.data.Sampler):
     rank reads what torch's `DistributedSampler` (shuffle, seed 0, padded to equal shares) gives it, as MiniMind's DDP
     runs do; the indices are laid out so that Accelerate, which deals a process every `world`-th batch, hands rank r
     exactly those batches (exactly while a rank's share is whole batches; a last partial batch is split as
-    Accelerate splits batches).
+    Accelerate splits batches). With `think` (`EmptyThinkDraws`), each index comes with MiniMind's draws for it:
+    `(index, drop chosen's empty think blocks, drop rejected's)`, for `Renders`.
     """
 
-    def __init__(self, n: int, batch_size: int, world: int = 1, rank: int = 0):
-        self.n, self.batch_size, self.world, self.rank = n, batch_size, world, rank
+    def __init__(self, n: int, batch_size: int, world: int = 1, rank: int = 0, think: EmptyThinkDraws | None = None):
+        self.n, self.batch_size, self.world, self.rank, self.think = n, batch_size, world, rank, think
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _order(self) -> list[int]:
+    def _shares(self) -> list[list[int]]:
+        """Each rank's indices, in the order it reads them."""
         if self.world == 1:
             generator = torch.Generator().manual_seed(42 + self.epoch)
-            return torch.randperm(self.n, generator=generator).tolist()
+            return [torch.randperm(self.n, generator=generator).tolist()]
         shares = []
         for rank in range(self.world):
             sampler = torch.utils.data.DistributedSampler(range(self.n), num_replicas=self.world, rank=rank,
                                                           shuffle=True, seed=0)
             sampler.set_epoch(self.epoch)
             shares.append(list(sampler))
-        b = self.batch_size
-        return [i for start in range(0, len(shares[0]), b) for share in shares for i in share[start:start + b]]
+        return shares
 
     def __iter__(self):
-        return iter(self._order())
+        b = self.batch_size
+        shares = [[share[i:i + b] for i in range(0, len(share), b)] for share in self._shares()]
+        if self.think is not None:
+            shares = [self.think(batches, self.epoch, self.n) for batches in shares]
+        return iter([item for k in range(len(shares[0])) for batches in shares for item in batches[k]])
 
     def __len__(self) -> int:
         return self.n if self.world == 1 else -(-self.n // self.world) * self.world
 
 
-def _encode_example(example, tokenizer, max_length, mask_mode, truncation_mode):
-    return encode_pair(example, tokenizer, max_length=max_length, mask_mode=mask_mode, truncation_mode=truncation_mode)
+@dataclass
+class EmptyThinkDraws:
+    """minimind-3's random removal of empty think blocks, drawn as its DPODataset draws it (from 2026-03-25).
+
+    MiniMind renders a side, and when the render holds an empty think block, removes them all if
+    `random.random() > keep_ratio`: chosen first, then rejected, pair after pair, in the process that loads the
+    batch. Without workers that is the training process, whose `random` `setup_seed(42 + epoch)` seeded just before
+    the epoch; with N workers, batch k is loaded by worker k % N, whose `random` torch seeded with base_seed + worker
+    id, base_seed being the first int64 the DataLoader draws from torch's global generator, right after that epoch's
+    `torch.manual_seed(42 + epoch)` and `torch.randperm(len(dataset))`. Under DDP every rank seeds alike and draws
+    over its own batches.
+    """
+
+    blocks: list[tuple[bool, bool]]  # per pair: do the chosen and the rejected render hold an empty think block
+    keep_ratio: float
+    num_workers: int
+
+    def __call__(self, batches: list[list[int]], epoch: int, n: int) -> list[list[tuple[int, bool, bool]]]:
+        """One rank's batches of one epoch, each index with (drop chosen's blocks, drop rejected's)."""
+        if self.num_workers == 0:
+            rngs = [random.Random(42 + epoch)]
+        else:
+            generator = torch.Generator().manual_seed(42 + epoch)
+            torch.randperm(n, generator=generator)
+            base_seed = torch.empty((), dtype=torch.int64).random_(generator=generator).item()
+            rngs = [random.Random(base_seed + worker) for worker in range(self.num_workers)]
+        drawn = []
+        for k, batch in enumerate(batches):
+            rng = rngs[k % len(rngs)]
+            # `and` draws only for a render that holds a block, as MiniMind's `in` test before random() does
+            drawn.append([(i, self.blocks[i][0] and rng.random() > self.keep_ratio,
+                           self.blocks[i][1] and rng.random() > self.keep_ratio) for i in batch])
+        return drawn
+
+
+class Renders(torch.utils.data.Dataset):
+    """Encoded pairs read by `(index, drop chosen's empty think blocks, drop rejected's)`: each side is the sequence
+    as the template renders it, or the one without its empty think blocks (`encode_pair(..., no_think=True)`)."""
+
+    def __init__(self, pairs: Dataset):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def with_blocks(self) -> list[tuple[bool, bool]]:
+        """Per pair, whether its chosen and its rejected render hold an empty think block."""
+        table = self.pairs.select_columns([f"{side}{NO_THINK}_input_ids" for side in SIDES]).with_format("arrow")[:]
+        lengths = [table.column(k).combine_chunks().value_lengths().to_pylist() for k in table.column_names]
+        return [(c > 0, r > 0) for c, r in zip(*lengths)]
+
+    def __getitem__(self, key: tuple[int, bool, bool]) -> dict:
+        index, *drops = key
+        row = self.pairs[index]
+        for side, drop in zip(SIDES, drops):
+            if drop:
+                row[f"{side}_input_ids"] = row[f"{side}{NO_THINK}_input_ids"]
+                row[f"{side}_loss_mask"] = row[f"{side}{NO_THINK}_loss_mask"]
+        return row
+
+
+def _encode_example(example, tokenizer, max_length, mask_mode, truncation_mode, no_think):
+    try:
+        return encode_pair(example, tokenizer, max_length=max_length, mask_mode=mask_mode,
+                           truncation_mode=truncation_mode, no_think=no_think)
+    except RecordError as e:
+        if e.code == "no_think_needs_markers":
+            raise ValueError(f"empty_think_keep_ratio < 1: {e.message}") from None
+        raise

@@ -120,14 +120,31 @@ def seq_logp(model, ids, mask, average: bool = True):
     return total / m.sum().clamp_min(1e-8) if average else total
 
 
-def minimind_reference(messages, tokenizer, max_length):
+EMPTY_THINK_BLOCK = "<think>\n\n</think>\n\n"
+
+
+def post_processing_chat(text, empty_think_ratio=0.2):
+    """minimind-3's post_processing_chat (dataset/lm_dataset.py at 3f1a7cc), re-implemented: with the global
+    `random`, every empty think block of a rendered side goes when random() > empty_think_ratio; a text without one
+    draws nothing."""
+    import random
+
+    if EMPTY_THINK_BLOCK in text and random.random() > empty_think_ratio:
+        text = text.replace(EMPTY_THINK_BLOCK, "")
+    return text
+
+
+def minimind_reference(messages, tokenizer, max_length, post_process=None):
     """MiniMind's DPODataset.__getitem__ for one side, re-implemented from the walkthrough (no minidpo code): render
-    with the chat template, tokenize with truncation and padding to max_length, search the "<bos>assistant\\n" /
-    "<eos>\\n" markers over the padded ids, shift by one. Returns (x, y, mask) lists of length max_length - 1."""
+    with the chat template (then `post_process(text)`, minimind-3's `post_processing_chat`), tokenize with
+    truncation and padding to max_length, search the "<bos>assistant\\n" / "<eos>\\n" markers over the padded ids,
+    shift by one. Returns (x, y, mask) lists of length max_length - 1."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     bos_id = tokenizer(f"{tokenizer.bos_token}assistant\n", add_special_tokens=False).input_ids
     eos_id = tokenizer(f"{tokenizer.eos_token}\n", add_special_tokens=False).input_ids
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    if post_process is not None:
+        text = post_process(text)
     ids = tokenizer(text, truncation=True, max_length=max_length, padding="max_length").input_ids
     assert all(t == pad for t in ids[len(tokenizer(text).input_ids):])
     loss_mask = [0] * len(ids)

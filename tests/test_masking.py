@@ -204,6 +204,29 @@ def test_minimind_mode_on_minimind3_scores_the_empty_think_block():
         "<think>\n\n</think>\n\nDirect Preference Optimization.<|im_end|>\n")
 
 
+@pytest.mark.parametrize("max_length", [1024, 30])
+def test_no_think_sequences_are_minimind3_renders_without_their_empty_think_blocks(max_length):
+    """Each side without its empty think blocks (every turn's: minimind-3's post_processing_chat replaces them all)
+    is what MiniMind tokenizes and masks after that removal, truncation included; a render without a block (MiniMind2's
+    template writes none) has no such sequence."""
+    tok = AutoTokenizer.from_pretrained(shared_path("tokenizers", "minimind3"))
+    record = CASES["multi-turn"]
+    out = encode_pair(record, tok, max_length=max_length, no_think=True)
+    for side in ("chosen", "rejected"):
+        x, y, ref_mask = minimind_reference(record["prompt"] + record[side], tok, max_length,
+                                            lambda text: text.replace("<think>\n\n</think>\n\n", ""))
+        ids, mask = out[f"{side}_no_think_input_ids"], out[f"{side}_no_think_loss_mask"]
+        n = len(ids)
+        assert ids == ([x[0]] + y)[:n] and mask[1:] == ref_mask[:n - 1] and not any(ref_mask[n - 1:])
+        assert "<think>" not in tok.decode(ids) and ids != out[f"{side}_input_ids"]
+    assert encode_pair(record, tok, max_length=max_length) == {k: v for k, v in out.items() if "no_think" not in k}
+    minimind2 = AutoTokenizer.from_pretrained(shared_path("tokenizers", "minimind2"))
+    assert encode_pair(record, minimind2, no_think=True)["chosen_no_think_input_ids"] == []
+    with pytest.raises(RecordError) as e:
+        encode_pair(record, tok, no_think=True, mask_mode="last-turn")
+    assert e.value.code == "no_think_needs_markers"
+
+
 def test_diagnose_flags_truncation_and_rejects_unscorable(tokenizer):
     record = CASES["multi-turn"]
     full = encode_pair(record, tokenizer)

@@ -1,38 +1,70 @@
 """configs/minimind2-small.yaml and configs/minimind3.yaml train as MiniMind's own train_dpo.py does, step for step.
 
 The reference is an independent re-implementation of MiniMind's loop (no minidpo code): its DPODataset (masks by
-marker search over ids padded to max_length, `helpers.minimind_reference`), each epoch `torch.manual_seed(42 +
-epoch)` + `torch.randperm` read in consecutive batches of 4, `get_lr(epoch * iters + step, epochs * iters, lr)` set
-before each batch from step 1, full-vocabulary log-softmax, its dpo_loss (length-averaged with clamp_min(1e-8) for
-MiniMind2, summed for minimind-3), `optim.AdamW(model.parameters())` and `clip_grad_norm_`. It and `minidpo train
+marker search over ids padded to max_length, `helpers.minimind_reference`; for minimind-3 each side's render passes
+through its post_processing_chat, `helpers.post_processing_chat`, which drops the empty think blocks at random with
+Python's `random`), each epoch `setup_seed(42 + epoch)` (Python's and torch's generators) + `torch.randperm` read in
+consecutive batches of 4 by a torch DataLoader (minimind-3: 2 workers, seeded by torch as MiniMind's are),
+`get_lr(epoch * iters + step, epochs * iters, lr)` set before each batch from step 1, full-vocabulary log-softmax,
+its dpo_loss (length-averaged with clamp_min(1e-8) for MiniMind2, summed for minimind-3),
+`optim.AdamW(model.parameters())` and `clip_grad_norm_`. It and `minidpo train
 --config configs/...` (sizes overridden on the command line, as a MiniMind user overrides its flags) train the same
 MiniMind-made tiny checkpoint from ../shared on the same pairs.
 """
 
 import math
+import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import REPO, minimind_reference, shared_path
+from helpers import REPO, minimind_reference, post_processing_chat, shared_path
 
 EPOCHS, BATCH, PAIRS, MAX_LENGTH = 2, 4, 10, 96
 LR, CLIP = 2e-3, 0.05  # large enough that the weights move; a clip that triggers
+WORKERS = 2  # MiniMind's --num_workers for minimind-3 (its default is 8): batch 3 of an epoch reuses worker 0
 
 
-def minimind_run(model, ref, tokenizer, records, beta, average):
-    """MiniMind's train_dpo.py loop on `records` (MiniMind dicts): (per-step losses, per-step lrs, clipped steps)."""
-    sides = [[minimind_reference(r[side], tokenizer, MAX_LENGTH) for side in ("chosen", "rejected")]
-             for r in records]
+class MiniMindPairs(torch.utils.data.Dataset):
+    """MiniMind's DPODataset: each side rendered, for minimind-3 passed through post_processing_chat (its random
+    draws), tokenized and masked when read; also says which sides lost their empty think blocks."""
+
+    def __init__(self, records, tokenizer, think):
+        self.records, self.tokenizer, self.think = records, tokenizer, think
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        dropped = []
+
+        def post(text):
+            out = post_processing_chat(text) if self.think else text
+            dropped.append(out != text)
+            return out
+
+        return [minimind_reference(self.records[i][side], self.tokenizer, MAX_LENGTH, post)
+                for side in ("chosen", "rejected")], dropped
+
+
+def minimind_run(model, ref, tokenizer, records, beta, average, think):
+    """MiniMind's train_dpo.py loop on `records` (MiniMind dicts): (per-step losses, per-step lrs, clipped steps,
+    sides that lost their empty think blocks, sides read)."""
+    dataset = MiniMindPairs(records, tokenizer, think)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     iters = math.ceil(len(records) / BATCH)
-    losses, lrs, clipped = [], [], 0
+    losses, lrs, clipped, dropped = [], [], 0, []
     for epoch in range(EPOCHS):
+        random.seed(42 + epoch)  # setup_seed(42 + epoch)
         torch.manual_seed(42 + epoch)
         order = torch.randperm(len(records)).tolist()
-        for step, start in enumerate(range(0, len(order), BATCH), start=1):
-            rows = [sides[i] for i in order[start:start + BATCH]]
+        batches = [order[start:start + BATCH] for start in range(0, len(order), BATCH)]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=WORKERS if think else 0,
+                                             collate_fn=list)
+        for step, items in enumerate(loader, start=1):
+            rows = [sides for sides, _ in items]
+            dropped += [d for _, ds in items for d in ds]
             x = torch.tensor([c[0] for c, _ in rows] + [r[0] for _, r in rows])
             y = torch.tensor([c[1] for c, _ in rows] + [r[1] for _, r in rows])
             mask = torch.tensor([c[2] for c, _ in rows] + [r[2] for _, r in rows], dtype=torch.float32)
@@ -55,7 +87,7 @@ def minimind_run(model, ref, tokenizer, records, beta, average):
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             lrs.append(lr)
-    return losses, lrs, clipped
+    return losses, lrs, clipped, dropped
 
 
 @pytest.mark.slow
@@ -91,17 +123,24 @@ def test_config_trains_as_minimind(tmp_path, monkeypatch, version, config):
             "--config", str(REPO / "configs" / config), "--model_name_or_path", str(tmp_path / "hf"),
             "--dataset_name", str(tmp_path / "dpo.jsonl"), "--output_dir", str(tmp_path / "out"),
             "--learning_rate", str(LR), "--num_train_epochs", str(EPOCHS), "--max_length", str(MAX_LENGTH),
-            "--max_grad_norm", str(CLIP), "--logging_steps", "1", "--save_strategy", "no"]))
+            "--max_grad_norm", str(CLIP), "--logging_steps", "1", "--save_strategy", "no",
+            *(["--minimind_num_workers", str(WORKERS)] if version == "minimind3" else [])]))
         tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
         start = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
         model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).train()
         ref = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-        beta, average = (0.15, False) if version == "minimind3" else (0.1, True)
-        losses, lrs, clipped = minimind_run(model, ref, tokenizer, records, beta, average)
+        beta, average, think = (0.15, False, True) if version == "minimind3" else (0.1, True, False)
+        state = random.getstate()
+        try:
+            losses, lrs, clipped, dropped = minimind_run(model, ref, tokenizer, records, beta, average, think)
+        finally:
+            random.setstate(state)
     finally:
         torch.set_num_threads(threads)
 
     assert len(losses) == EPOCHS * math.ceil(PAIRS / BATCH) and clipped > 0  # the clip changes the update
+    if think:  # the random removal took place, and not everywhere
+        assert 0 < sum(dropped) < len(dropped), dropped
     assert seen["lr"] == pytest.approx(lrs, rel=1e-12)
     diff = max(abs(a - b) for a, b in zip(seen["loss"], losses))
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()

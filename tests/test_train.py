@@ -245,6 +245,13 @@ ERROR_CASES = {
     "output-dir-is-a-file": (lambda a, t: {"output_dir": str(_a_file(t))}, ["is a file, not a directory"]),
     "output-dir-not-writable": (lambda a, t: {"output_dir": "/sys/minidpo-test-out"}, ["cannot be written"]),
     "beta-zero": (lambda a, t: {"beta": 0.0}, ["beta must be > 0"]),
+    "empty-think-without-minimind-order": (lambda a, t: {"empty_think_keep_ratio": 0.2},
+                                           ["empty_think_keep_ratio < 1", "minimind_data_order: true"]),
+    "empty-think-without-markers": (
+        lambda a, t: {"empty_think_keep_ratio": 0.2, "minimind_data_order": True,
+                      "model_name_or_path": str(save_small_model(t / "m",
+                                                                 lambda tok: setattr(tok, "bos_token", None)))},
+        ["empty_think_keep_ratio < 1", "MiniMind's markers"]),
     "output-dir-holding-another-run": (lambda a, t: {"output_dir": str(_holding_a_run(t / "run"))},
                                        ["already holds a run", "summary.json", "checkpoint-2",
                                         "overwrite_output_dir: true", "resume_from_checkpoint"]),

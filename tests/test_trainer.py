@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from helpers import perturbed_policy, seq_logp, to_trl
+from helpers import EMPTY_THINK_BLOCK, perturbed_policy, post_processing_chat, seq_logp, to_trl
 from minidpo.embedded import build_tiny_model, build_tokenizer, make_preference_records
 from minidpo.trainer import MiniDPOConfig, MiniDPOTrainer
 
@@ -43,7 +43,8 @@ def reference_loss(policy, ref, encoded, beta, loss_type, average):
 
 def trainer_for(tmp_path, tok, data, loss_type, length_normalize, beta, **kw):
     args = MiniDPOConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=len(data), beta=beta, loss_type=[loss_type],
+        output_dir=str(tmp_path), per_device_train_batch_size=len(data), beta=beta,
+        loss_type=[loss_type] if isinstance(loss_type, str) else loss_type,
         length_normalize=length_normalize, report_to="none", max_length=kw.pop("max_length", 512), **kw)
     return MiniDPOTrainer(perturbed_policy(tok), ref_model=build_tiny_model(tok, seed=0), args=args,
                           train_dataset=Dataset.from_list(data), processing_class=tok)
@@ -78,6 +79,77 @@ def test_loss_and_gradients_match_independent_formula(tmp_path, multi_turn, leng
     torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-7)
     for name, p in policy.named_parameters():
         # fused chunked log-softmax vs full log-softmax: agree to float32 rounding of the largest entries
+        torch.testing.assert_close(got_grads[name], p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item(),
+                                   msg=f"gradient of {name}")
+
+
+def _scored_token_logps(model, ids, mask):
+    """log p and log sum_v p_v^2 of each scored token of one sequence, from full logits (graph kept for log p)."""
+    ids_t = torch.tensor([ids])
+    log_softmax = torch.log_softmax(model(input_ids=ids_t).logits[0, :-1].float(), dim=-1)
+    scored = torch.tensor(mask[1:], dtype=torch.bool)
+    logp = log_softmax.gather(1, ids_t[0, 1:, None])[:, 0][scored]
+    return logp, torch.logsumexp(2 * log_softmax.detach(), dim=-1)[scored]
+
+
+def reference_extended_loss(policy, ref, encoded, beta, loss_type, loss_weights=None, use_weighting=False,
+                            ld_alpha=None):
+    """README's length-averaged sft, WPO and LD-DPO, from full logits: a side's log-prob is (sum over its first
+    s = min(Lc, Lr) scored tokens + ld_alpha * sum over the rest) / L (ld_alpha 1 without LD-DPO); WPO weighs each
+    pair's loss by w_c * w_r, w = exp(mean over scored tokens of log p - log sum p^2); sft is minus the mean
+    over pairs of the chosen side's averaged log-prob (times the mean of w_c * w_r under WPO)."""
+    def side_logps(model, e):
+        sides = [_scored_token_logps(model, e[f"{s}_input_ids"], e[f"{s}_loss_mask"]) for s in ("chosen", "rejected")]
+        shared = min(len(lp) for lp, _ in sides)
+        alpha = 1.0 if ld_alpha is None else ld_alpha
+        logps = [(lp[:shared].sum() + alpha * lp[shared:].sum()) / len(lp) for lp, _ in sides]
+        weights = [torch.exp((lp.detach() - lss).mean()) for lp, lss in sides]
+        return logps, [lp.mean() for lp, _ in sides], weights
+
+    dpo, sft, pair_weights = [], [], []
+    for e in encoded:
+        (pc, pr), (avg_c, _), (wc, wr) = side_logps(policy, e)
+        with torch.no_grad():
+            (rc, rr), _, _ = side_logps(ref, e)
+        pair_weight = wc * wr if use_weighting else torch.tensor(1.0)
+        dpo.append(-F.logsigmoid(beta * ((pc - rc) - (pr - rr))) * pair_weight)
+        sft.append(-avg_c)
+        pair_weights.append(pair_weight)
+    terms = {"sigmoid": torch.stack(dpo).mean(), "sft": torch.stack(sft).mean() * torch.stack(pair_weights).mean()}
+    return sum(w * terms[t] for t, w in zip(loss_type, loss_weights or [1.0] * len(loss_type)))
+
+
+@pytest.mark.parametrize("options", [
+    {"loss_type": ["sft"]},
+    {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
+    {"loss_type": ["sigmoid"], "use_weighting": True},
+    {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.3], "use_weighting": True},
+    {"loss_type": ["sigmoid"], "ld_alpha": 0.5},
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_sft_wpo_and_ld_dpo_length_averaged_match_independent_formula(tmp_path, options):
+    tok = build_tokenizer()
+    data = records(True)
+    beta = 5.0
+    trainer = trainer_for(tmp_path, tok, data, length_normalize=True, beta=beta, **options)
+    encoded = [trainer.train_dataset[i] for i in range(len(data))]
+    lengths = [(sum(e["chosen_loss_mask"]), sum(e["rejected_loss_mask"])) for e in encoded]
+    assert any(c != r for c, r in lengths), "LD-DPO's shared part would be the whole of both sides"
+    model = trainer.model
+    model.train()
+    loss = trainer.compute_loss(model, trainer.data_collator(encoded))
+    loss.backward()
+    got_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    policy, ref = perturbed_policy(tok), build_tiny_model(tok, seed=0)
+    policy.train()
+    expected = reference_extended_loss(policy, ref, encoded, beta, **options)
+    expected.backward()
+
+    if {"use_weighting", "ld_alpha"} & set(options):  # else the option changes nothing here and proves nothing
+        plain = reference_extended_loss(policy, ref, encoded, beta, options["loss_type"], options.get("loss_weights"))
+        assert abs(plain.item() - expected.item()) > 1e-3
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-7)
+    for name, p in policy.named_parameters():
         torch.testing.assert_close(got_grads[name], p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item(),
                                    msg=f"gradient of {name}")
 
@@ -133,8 +205,6 @@ def test_trains_on_exactly_encode_pair_masks(tmp_path):
 
 
 def test_config_rejects_incompatible_losses(tmp_path):
-    with pytest.raises(ValueError, match="length_normalize"):
-        MiniDPOConfig(output_dir=str(tmp_path), loss_type=["sft"], report_to="none")
     with pytest.raises(ValueError, match="mask_mode"):
         MiniDPOConfig(output_dir=str(tmp_path), mask_mode="all", report_to="none")
     cfg = MiniDPOConfig(output_dir=str(tmp_path), report_to="none")
@@ -186,6 +256,12 @@ def test_bf16_reference_forward_runs_under_autocast_like_the_policy(tmp_path):
     ({"label_smoothing": 0.5}, "label_smoothing must be in [0, 0.5)"),
     ({"loss_type": ["exo_pair"]}, "exo_pair needs label_smoothing > 0"),
     ({"max_length": 1}, "max_length must be at least 2"),
+    ({"empty_think_keep_ratio": 1.5}, "empty_think_keep_ratio must be in [0, 1]"),
+    ({"minimind_num_workers": -1}, "minimind_num_workers must be >= 0"),
+    ({"empty_think_keep_ratio": 0.2}, "set minimind_data_order: true"),
+    ({"empty_think_keep_ratio": 0.2, "minimind_data_order": True, "mask_mode": "last-turn"}, "set mask_mode: minimind"),
+    ({"empty_think_keep_ratio": 0.2, "minimind_data_order": True, "precompute_ref_log_probs": True},
+     "set precompute_ref_log_probs: false"),
 ], ids=lambda x: str(x) if isinstance(x, dict) else "")
 def test_values_out_of_range_are_refused_naming_the_option(tmp_path, options, words):
     with pytest.raises(ValueError) as e:
@@ -454,6 +530,10 @@ def test_iterable_datasets_train_and_refuse_precompute_with_trls_message(tmp_pat
         MiniDPOTrainer(build_tiny_model(tok), args=MiniDPOConfig(output_dir=str(tmp_path), report_to="none",
                                                                  max_steps=2, precompute_ref_log_probs=True),
                        train_dataset=stream, processing_class=tok)
+    with pytest.raises(ValueError, match="empty_think_keep_ratio < 1 draws along MiniMind's order"):
+        MiniDPOTrainer(build_tiny_model(tok), ref_model=build_tiny_model(tok), processing_class=tok,
+                       args=MiniDPOConfig(output_dir=str(tmp_path), report_to="none", max_steps=2,
+                                          empty_think_keep_ratio=0.2, minimind_data_order=True), train_dataset=stream)
 
 
 def test_dicts_of_eval_datasets_are_each_prepared_and_evaluated(tmp_path):
@@ -576,3 +656,119 @@ def test_tokenizer_is_loaded_at_the_models_revision(tmp_path, monkeypatch):
                          model_init_kwargs={"revision": "v1.0"}, precompute_ref_log_probs=False)
     MiniDPOTrainer(str(tmp_path / "base"), args=args, train_dataset=Dataset.from_list(records(False)))
     assert asked == ["v1.0"]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_empty_think_draws_are_minimind_dataloaders(num_workers, world):
+    """minimind-3's draws, from its own loop run for real: setup_seed(42 + epoch), randperm, DistributedSampler under
+    DDP, torch's DataLoader (its workers seeded by torch), a dataset whose __getitem__ removes the block from each
+    side's text as MiniMind's post_processing_chat does. Renders without a block draw nothing."""
+    import random
+
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+
+    from minidpo.trainer import EmptyThinkDraws, MiniMindOrder
+
+    # one process: a last partial batch; two: shares of whole batches (Accelerate splits a partial one its own way)
+    n, batch, block = 22 if world == 1 else 24, 4, EMPTY_THINK_BLOCK
+    texts = [(f"a{block}b" if i % 3 else "ab", f"c{block}d" if i % 4 != 1 else "cd") for i in range(n)]
+
+    class MiniMindPairs(torch.utils.data.Dataset):
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            chosen = post_processing_chat(texts[i][0])
+            rejected = post_processing_chat(texts[i][1])
+            return i, chosen != texts[i][0], rejected != texts[i][1]
+
+    state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for epoch in (0, 1):
+                order = MiniMindOrder(n, batch, world=world,
+                                      think=EmptyThinkDraws([(block in c, block in r) for c, r in texts], 0.2,
+                                                            num_workers))
+                order.set_epoch(epoch)
+                for rank in range(world):
+                    sampler = None
+                    if world > 1:
+                        sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=0)
+                        sampler.set_epoch(epoch)
+                    random.seed(42 + epoch)
+                    torch.manual_seed(42 + epoch)
+                    indices = torch.randperm(n).tolist()
+                    loader = DataLoader(MiniMindPairs(), batch_sampler=list(BatchSampler(sampler or indices, batch,
+                                                                                         False)),
+                                        num_workers=num_workers, collate_fn=list)
+                    expected = [pair for b in loader for pair in b]
+                    batches = BatchSampler(order, batch, drop_last=False)
+                    if world > 1:  # Accelerate deals batches to the processes only when there are several
+                        batches = BatchSamplerShard(batches, num_processes=world, process_index=rank)
+                    dealt = [pair for b in batches for pair in b]
+                    assert dealt == expected, (epoch, rank)
+                    drops = [d for _, *ds in expected for d in ds]
+                    assert 0 < sum(drops) < len(drops), "every draw alike proves little"
+    finally:
+        random.setstate(state)
+
+
+def test_renders_without_empty_think_blocks_score_minimind_sequences(tmp_path):
+    """minimind-3's tokenizer, chosen and rejected each with or without their empty think blocks (in multi-turn
+    pairs they then differ inside the prompt): the packed pair rows' loss and gradients equal full-logit ones on
+    MiniMind's own sequences and masks (helpers.minimind_reference after the removal)."""
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from helpers import minimind_reference, shared_path
+    from minidpo.masking import common_prefix
+    from minidpo.trainer import Renders
+
+    tok = AutoTokenizer.from_pretrained(shared_path("tokenizers", "minimind3"))
+    pool = make_preference_records(40, seed=4, multi_turn_fraction=0.5)
+    multi = [r for r in pool if sum(m["role"] == "assistant" for m in r["chosen"]) > 1]
+    records = multi[:2] + [r for r in pool if r not in multi][:2]
+    config = Qwen3Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16, intermediate_size=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    ref = Qwen3ForCausalLM(config)
+    policy = Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        for p, q in zip(policy.parameters(), ref.parameters()):
+            p.copy_(q + 0.3 * torch.randn_like(q))
+    expected_policy = Qwen3ForCausalLM(config)
+    expected_policy.load_state_dict(policy.state_dict())
+    args = MiniDPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, beta=0.05, report_to="none",
+                         length_normalize=False, max_length=256, empty_think_keep_ratio=0.2, minimind_data_order=True)
+    trainer = MiniDPOTrainer(policy, ref_model=ref, args=args, processing_class=tok,
+                             train_dataset=Dataset.from_list([to_trl(r) for r in records]))
+    keys = [(0, True, False), (1, False, True), (2, True, True), (3, False, False)]
+    rows = [Renders(trainer.train_dataset)[k] for k in keys]
+    assert common_prefix(rows[0]["chosen_input_ids"], rows[0]["rejected_input_ids"]) < len(rows[0]["prompt_ids"])
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, trainer.data_collator(rows))
+    loss.backward()
+
+    def strip(text):
+        return text.replace(EMPTY_THINK_BLOCK, "")
+
+    def summed(model, record, side, drop):
+        x, y, mask = minimind_reference(record[side], tok, 256, strip if drop else None)
+        logp = torch.log_softmax(model(input_ids=torch.tensor([x])).logits[0].float(), -1)
+        return (logp.gather(1, torch.tensor(y)[:, None])[:, 0] * torch.tensor(mask)).sum()
+
+    losses = []
+    for i, drop_chosen, drop_rejected in keys:
+        r = records[i]
+        with torch.no_grad():
+            ref_delta = summed(ref, r, "chosen", drop_chosen) - summed(ref, r, "rejected", drop_rejected)
+        delta = (summed(expected_policy, r, "chosen", drop_chosen)
+                 - summed(expected_policy, r, "rejected", drop_rejected))
+        losses.append(-F.logsigmoid(0.05 * (delta - ref_delta)))
+    expected = torch.stack(losses).mean()
+    expected.backward()
+    assert abs(expected.item() - 0.6931) > 1e-2
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(trainer.model.named_parameters(), expected_policy.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * q.grad.abs().max().item(), msg=name)
