@@ -3,7 +3,7 @@
 `install_pair_forward` wraps the fused LM-head forward TRL adds to the model (`model(..., labels=,
 fused_lm_head=True)` returns per-token log-probs, no full-vocabulary logits). Three things change, each keeping the
 values TRL reads (tests/test_trainer.py and tests/test_scoring.py check loss and gradients against full-logit
-references; README "Performance" has what each gains):
+references; docs/performance.md has what each gains):
 
   - length averaging: per-token log-probs are divided by the sequence's scored-token count, so TRL's sum over a
     sequence becomes the mean MiniMind uses (`length_normalize`);
@@ -156,7 +156,7 @@ def packed_rows_refusal(model) -> str | None:
         return f"{config.model_type} wraps a language model (packed rows are proven for causal LMs only)"
     if config.model_type not in PACKED_ROW_FAMILIES:
         return (f"model type {config.model_type!r} is not among the families proven exact with packed rows "
-                "(README: Architectures)")
+                "(docs/coming-from-trl.md, Architectures)")
     return None
 
 

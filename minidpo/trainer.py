@@ -20,7 +20,7 @@ Speed, each keeping the loss (tests/test_trainer.py; scripts/bench.py measures t
   - no activation checkpointing by default; bf16 autocast also on CPU (`bf16=True` sets `use_cpu`), which pays only
     on CPUs with native bf16 (AVX512-BF16/AMX);
   - on a CPU, `per_device_train_batch_size=1` with gradient accumulation: no padding, a small working set
-    (README "Performance" has the figures).
+    (docs/performance.md has the figures).
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ class MiniDPOConfig(DPOConfig):
         metadata={"help": "With precompute_ref_log_probs: where reference log-probs are cached across runs, keyed by "
                           "the reference weights and the encoded pairs. Default $MINIDPO_CACHE or ~/.cache/minidpo."},
     )
-    # MiniMind's own training loop, option by option (README "Coming from MiniMind" says which version uses which)
+    # MiniMind's own training loop, option by option (docs/minimind.md says which version uses which)
     minimind_lr_schedule: str | None = field(
         default=None,
         metadata={"help": "MiniMind's get_lr instead of lr_scheduler_type, stepped as MiniMind steps it (per batch, "

@@ -3,7 +3,7 @@ per-sequence log-probs (default options, averaged and summed) from a plain full-
 
     python scripts/architecture_table.py [FAMILY ...]
 
-The numbers behind README "Architectures"; tests/test_architectures.py asserts them (within 1e-5).
+The numbers behind docs/coming-from-trl.md "Architectures"; tests/test_architectures.py asserts them (within 1e-5).
 """
 
 import sys

@@ -2,7 +2,7 @@
 # The checks only a CUDA machine can make, in one command of at most 8 minutes, on the lent GPU machine as it is: its
 # python3, the wheels scripts/gpu_wheels.sh put in .whl/ unpacked offline into a private folder put on PYTHONPATH
 # (nothing installed into that python, minidpo imported from this checkout), no network.
-#   bash scripts/gpu_check.sh --require-gpu --out "$OUT"   # the device call (README, "On a GPU")
+#   bash scripts/gpu_check.sh --require-gpu --out "$OUT"   # the device call (docs/performance.md, "On a GPU")
 #   bash scripts/gpu_check.sh                              # elsewhere, without CUDA: lists what it would run, exits 0
 #   bash scripts/gpu_check.sh --cpu --out DIR              # the CPU-runnable parts (what scripts/gpu_simulate.sh runs)
 # Options: --out DIR (default $OUT, else gpu-check-output/), --wheels DIR (default .whl), --require-gpu: no python3,

@@ -8,7 +8,7 @@
 #    (pydantic, for one) is removed again, so the carried copies are the ones used. Kept between runs.
 # 2. scripts/gpu_wheels.sh: the carried wheels into .whl/.
 # 3. With the venv's python3 first on PATH, no PYTHONPATH and the network cut (`unshare -n`, where this user may):
-#    README's device call itself, which without CUDA must stop at once with exit 2 and its reason; then
+#    the documented device call (docs/performance.md) itself, which without CUDA must stop at once with exit 2 and its reason; then
 #    scripts/gpu_check.sh --cpu: the wheels unpacked offline, the preflight, the gpu tests that run on a CPU plus
 #    the contracts, and a tiny bench. What it cannot show: CUDA, Triton, FSDP2/ZeRO on a GPU, speeds.
 # Never run by the tests (it downloads about 4 GB the first time); it never touches the python it is started from.
@@ -67,10 +67,10 @@ else
 fi
 set +e
 
-# README's device call itself, as the device tool would run it: without CUDA it must stop at once, exit 2, reason given.
-call="$("$VENV/bin/python" -c 'import json, re, sys; s = open("README.md").read(); s = s[s.index("### On a GPU"):]
+# the documented device call (docs/performance.md) itself, as the device tool would run it: without CUDA it must stop at once, exit 2, reason given.
+call="$("$VENV/bin/python" -c 'import json, re, sys; s = open("docs/performance.md").read(); s = s[s.index("## On a GPU"):]
 print(json.loads(re.search(r"```json\n(\{.*?\})\n```", s, re.S).group(1))["command"])')"
-echo "gpu_simulate: README's device call: $call"
+echo "gpu_simulate: the documented device call (docs/performance.md): $call"
 rm -rf "$OUT_DIR.call"
 "${device[@]}" OUT="$OUT_DIR.call" bash -c "$call"
 rc=$?

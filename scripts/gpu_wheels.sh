@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The wheels the lent GPU machine lacks, for Python 3.12 on manylinux x86_64, into the git-ignored .whl/ that the
 # device call carries (scripts/gpu_check.sh unpacks them there, offline). Run here, where PyPI is reachable:
-#   bash scripts/gpu_wheels.sh            # then: device run, carry [".whl"] (README, "On a GPU")
+#   bash scripts/gpu_wheels.sh            # then: device run, carry [".whl"] (docs/performance.md, "On a GPU")
 # Checks that every wheel's requirements are met by the device (scripts/gpu_device.txt) or by another carried wheel,
 # that pyarrow is not among them, and that wheels plus the travelling tree stay well under the 64 MiB a call carries.
 set -euo pipefail

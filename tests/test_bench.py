@@ -189,10 +189,10 @@ def test_gpu_check_require_gpu_fails_with_its_reason(tmp_path, python, reason):
 
 
 def test_readme_gives_the_device_call(tmp_path):
-    """README "On a GPU": the device call fits the device tool (a command of at most 2,000 characters, a timeout of
+    """docs/performance.md "On a GPU": the device call fits the device tool (a command of at most 2,000 characters, a timeout of
     at most 600 s that covers the check's 8 minutes), carries the wheels, and passes --require-gpu."""
-    readme = (REPO / "README.md").read_text()
-    call = json.loads(re.search(r"```json\n(\{.*?\})\n```", readme[readme.index("### On a GPU"):], re.S).group(1))
+    readme = (REPO / "docs" / "performance.md").read_text()
+    call = json.loads(re.search(r"```json\n(\{.*?\})\n```", readme[readme.index("## On a GPU"):], re.S).group(1))
     assert set(call) == {"command", "carry", "timeout_s"}
     assert len(call["command"]) <= 2000 and 480 < call["timeout_s"] <= 600 and call["carry"] == [".whl"]
     assert "bash scripts/gpu_check.sh --require-gpu" in call["command"] and '"$OUT"' in call["command"]
