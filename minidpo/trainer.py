@@ -26,10 +26,7 @@ Speed, each keeping the loss (tests/test_trainer.py; scripts/bench.py measures t
 from __future__ import annotations
 
 import functools
-import math
-import random
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,14 +35,15 @@ from datasets import Dataset, IterableDataset
 from datasets.fingerprint import Hasher
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.utils import logging
-from trl import DPOConfig, DPOTrainer
+from trl import DPOTrainer
 from trl.data_utils import extract_prompt
 from trl.models import prepare_deepspeed
 
-from minidpo import distributed, ref_cache, training_report
+from minidpo import distributed, minimind_recipe, ref_cache, training_report
+from minidpo.config import MiniDPOConfig
 from minidpo.console import say
 from minidpo.errors import RecordError
-from minidpo.masking import MASK_MODES, NO_THINK, SIDES, TRUNCATION_MODES, encode_pair, is_scorable
+from minidpo.masking import encode_pair, is_scorable
 from minidpo.models import ensure_pad_token, load_tokenizer, use_pad_token
 from minidpo.pairs import PAIR_COLUMNS, REF_COLUMNS, PairCollator, pair_lengths
 from minidpo.scoring import (COMPACT_FIELDS, SCORING_VERSION, expert_count, install_pair_forward,
@@ -53,158 +51,8 @@ from minidpo.scoring import (COMPACT_FIELDS, SCORING_VERSION, expert_count, inst
 
 logger = logging.get_logger(__name__)
 
-NO_THINK_COLUMNS = tuple(f"{side}{NO_THINK}_{k}" for side in SIDES for k in ("input_ids", "loss_mask"))
-
-# MiniMind's get_lr(step, total, lr) / lr, by the version that introduced it
-_MINIMIND_SCHEDULES = {
-    "2510": lambda progress: 0.1 + 0.5 * (1 + math.cos(math.pi * progress)),
-    "2512": lambda progress: 0.1 + 0.45 * (1 + math.cos(math.pi * progress)),
-}
 # TRL's own length-averaged losses: they divide the log-ratios by the completion length once more.
 _TRL_LENGTH_AVERAGED = {"ipo", "sigmoid_norm"}
-
-
-def _default_bf16() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def _has_accelerator() -> bool:
-    """A device Transformers would train on instead of the CPU (CUDA/ROCm, XPU, Apple MPS)."""
-    xpu = getattr(torch, "xpu", None)
-    return (torch.cuda.is_available() or bool(xpu is not None and xpu.is_available())
-            or torch.backends.mps.is_available())
-
-
-def _check_ranges(args) -> None:
-    """Values that train without an error but not as meant: one line naming the option."""
-    if not args.beta > 0:
-        raise ValueError(f"beta must be > 0, got {args.beta}: it scales the log-ratios; 0 gives a constant loss and "
-                         "no gradient, a negative beta trains the preference backwards")
-    if not args.learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0, got {args.learning_rate}")
-    if not 0 <= args.label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {args.label_smoothing}: it is the share of "
-                         "preference labels assumed flipped")
-    if "exo_pair" in args.loss_type and args.label_smoothing == 0:
-        raise ValueError("loss_type exo_pair needs label_smoothing > 0 (e.g. 1e-3)")
-    if args.max_length is not None and args.max_length < 2:
-        raise ValueError(f"max_length must be at least 2 (a token to predict from and one to score), got "
-                         f"{args.max_length}")
-
-
-def _check_empty_think(args) -> None:
-    if not 0 <= args.empty_think_keep_ratio <= 1:
-        raise ValueError(f"empty_think_keep_ratio must be in [0, 1], got {args.empty_think_keep_ratio}: the share of "
-                         "renders that keep their empty think blocks")
-    if args.minimind_num_workers < 0:
-        raise ValueError(f"minimind_num_workers must be >= 0, got {args.minimind_num_workers}")
-    if args.empty_think_keep_ratio == 1:
-        return
-    if not args.minimind_data_order:
-        raise ValueError("empty_think_keep_ratio < 1 draws MiniMind's random numbers along MiniMind's batch order: "
-                         "set minimind_data_order: true")
-    if args.mask_mode != "minimind":
-        raise ValueError("empty_think_keep_ratio < 1 reproduces minimind-3's DPODataset, which scores by MiniMind's "
-                         "markers: set mask_mode: minimind")
-    if args.precompute_ref_log_probs:
-        raise ValueError("empty_think_keep_ratio < 1 renders each pair anew every epoch, while "
-                         "precompute_ref_log_probs scores each pair once: set precompute_ref_log_probs: false")
-
-
-@dataclass
-class MiniDPOConfig(DPOConfig):
-    """`trl.DPOConfig` plus MiniMind's scoring (`length_normalize`, `mask_mode`) and minidpo's speed levers.
-
-    Supports every DPOConfig field. Defaults fit the machine: bf16 only where the GPU supports it (`bf16: true` on a
-    CPU also sets `use_cpu`), `use_cpu` and no pinned memory on a machine without an accelerator, activation
-    checkpointing off.
-    Raises `ValueError` at construction, one line naming the option, for an unknown `mask_mode` or
-    `truncation_mode`, values out of range (`beta` <= 0, `learning_rate` <= 0, `label_smoothing` outside [0, 0.5),
-    `max_length` < 2), and for `empty_think_keep_ratio` < 1 without `minimind_data_order` and `mask_mode: minimind`
-    or with `precompute_ref_log_probs`.
-    """
-
-    length_normalize: bool = field(
-        default=True,
-        metadata={"help": "Average each sequence's log-probs over its scored tokens before forming the DPO "
-                          "log-ratios (MiniMind's DPO). False sums them, like TRL and newer MiniMind."},
-    )
-    mask_mode: str = field(
-        default="minimind",
-        metadata={"help": "Which tokens are scored: 'minimind' (every assistant turn, MiniMind's marker search) or "
-                          "'last-turn' (only the final answer, TRL's semantics).", "choices": list(MASK_MODES)},
-    )
-    share_prompt: bool = field(
-        default=True,
-        metadata={"help": "Run each pair as one sequence holding the shared prompt once, chosen answer then rejected "
-                          "answer, the rejected answer masked from the chosen one. Same loss, fewer tokens."},
-    )
-    ref_cache_dir: str | None = field(
-        default=None,
-        metadata={"help": "With precompute_ref_log_probs: where reference log-probs are cached across runs, keyed by "
-                          "the reference weights and the encoded pairs. Default $MINIDPO_CACHE or ~/.cache/minidpo."},
-    )
-    # MiniMind's own training loop, option by option (docs/minimind.md says which version uses which)
-    minimind_lr_schedule: str | None = field(
-        default=None,
-        metadata={"help": "MiniMind's get_lr instead of lr_scheduler_type, stepped as MiniMind steps it (per batch, "
-                          "from 1): '2510' = lr/10 + lr/2*(1+cos(pi*step/total)) (MiniMind up to 2025-12-01, peak "
-                          "1.1*lr), '2512' = lr*(0.1+0.45*(1+cos(pi*step/total))) (from 2025-12-06, peak lr). The "
-                          "floor follows learning_rate.", "choices": [None, *_MINIMIND_SCHEDULES]},
-    )
-    minimind_data_order: bool = field(
-        default=False,
-        metadata={"help": "MiniMind's batch order (from 2026-01-18): each epoch torch.manual_seed(42 + epoch) then "
-                          "torch.randperm, consecutive batches; under several processes, torch's DistributedSampler "
-                          "order (seed 0), as MiniMind's DDP runs read it. Default: the Trainer's shuffle."},
-    )
-    empty_think_keep_ratio: float = field(
-        default=1.0,
-        metadata={"help": "Keep the chat template's empty '<think>\\n\\n</think>\\n\\n' blocks in this share of "
-                          "renders, as minimind-3's DPODataset does (0.2 there): each side of a pair, each time an "
-                          "epoch reads it, loses every such block when Python's random.random() > this ratio, with "
-                          "MiniMind's draws (its seeds, workers and order; needs minimind_data_order). 1.0 keeps every "
-                          "block."},
-    )
-    minimind_num_workers: int = field(
-        default=0,
-        metadata={"help": "MiniMind's --num_workers (8 by default there): its DataLoader workers seed the random "
-                          "draws of empty_think_keep_ratio, so the same count gives the same draws. minidpo's own "
-                          "loading is dataloader_num_workers."},
-    )
-    decay_all_parameters: bool = field(
-        default=False,
-        metadata={"help": "Weight decay on every parameter, norms and biases included, as MiniMind's "
-                          "optim.AdamW(model.parameters()) applies it. Default: Transformers exempts them."},
-    )
-    # TRL turns checkpointing on by default (under its deprecated name). MiniMind's models are 26M-104M
-    # parameters: their activations are cheap to keep and slow to recompute, so it is off unless asked for.
-    gradient_checkpointing: bool | None = field(
-        default=None, metadata={"help": "Deprecated alias of `activation_checkpointing`."})
-
-    def __post_init__(self):
-        if self.mask_mode not in MASK_MODES:
-            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
-        if self.minimind_lr_schedule not in (None, *_MINIMIND_SCHEDULES):
-            raise ValueError(f"minimind_lr_schedule must be one of {list(_MINIMIND_SCHEDULES)}, got "
-                             f"{self.minimind_lr_schedule!r}")
-        if self.truncation_mode not in TRUNCATION_MODES:
-            raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
-        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
-            self.activation_checkpointing = False
-        if self.bf16 is None:
-            self.bf16 = (not self.fp16) and _default_bf16()
-        if self.bf16 and not torch.cuda.is_available():
-            # bf16 autocast on CPU is opt-in; Transformers wants use_cpu to allow it.
-            self.use_cpu = True
-        if not _has_accelerator():
-            # On a CPU-only machine the processes a launcher starts form one process group only with use_cpu, and
-            # pinned memory has no device to copy to.
-            self.use_cpu = True
-            self.dataloader_pin_memory = False
-        super().__post_init__()
-        _check_ranges(self)
-        _check_empty_think(self)
 
 
 def _count_each_sequence_once(completion_mask: torch.Tensor) -> torch.Tensor:
@@ -389,18 +237,18 @@ class MiniDPOTrainer(DPOTrainer):
     def get_train_dataloader(self):
         if self.args.empty_think_keep_ratio == 1 or not isinstance(self.train_dataset, Dataset):
             return super().get_train_dataloader()
-        return self._get_dataloader(dataset=Renders(self.train_dataset), description="Training",
+        return self._get_dataloader(dataset=minimind_recipe.Renders(self.train_dataset), description="Training",
                                     batch_size=self._train_batch_size, sampler_fn=self._get_train_sampler,
                                     is_training=True)
 
     def _get_train_sampler(self, train_dataset=None):
         train_dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self.args.minimind_data_order and isinstance(train_dataset, (Dataset, Renders)):
+        if self.args.minimind_data_order and isinstance(train_dataset, (Dataset, minimind_recipe.Renders)):
             think = None
-            if isinstance(train_dataset, Renders):
-                think = EmptyThinkDraws(train_dataset.with_blocks(), self.args.empty_think_keep_ratio,
+            if isinstance(train_dataset, minimind_recipe.Renders):
+                think = minimind_recipe.EmptyThinkDraws(train_dataset.with_blocks(), self.args.empty_think_keep_ratio,
                                         self.args.minimind_num_workers)
-            return MiniMindOrder(len(train_dataset), self.args.per_device_train_batch_size,
+            return minimind_recipe.MiniMindOrder(len(train_dataset), self.args.per_device_train_batch_size,
                                  self.accelerator.num_processes, self.accelerator.process_index, think)
         # Transformers' group_by_length looks for an `input_ids` column; a pair's cost is its two sequences.
         if (self.args.train_sampling_strategy == "group_by_length" and isinstance(train_dataset, Dataset)
@@ -412,19 +260,14 @@ class MiniDPOTrainer(DPOTrainer):
     def create_scheduler(self, num_training_steps, optimizer=None):
         if self.args.minimind_lr_schedule is None or self.lr_scheduler is not None:
             return super().create_scheduler(num_training_steps, optimizer)
-        # MiniMind sets get_lr(step, total) before each batch, step counted from 1 over all epochs' batches; an
-        # optimizer step here is `gradient_accumulation_steps` of them.
-        factor = _MINIMIND_SCHEDULES[self.args.minimind_lr_schedule]
-        per_step = self.args.gradient_accumulation_steps
-        total = num_training_steps * per_step
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer or self.optimizer, lambda k: factor(min((k + 1) * per_step, total) / total))
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, minimind_recipe.lr_factor(
+            self.args.minimind_lr_schedule, num_training_steps, self.args.gradient_accumulation_steps))
         self._created_lr_scheduler = True
         return self.lr_scheduler
 
     def get_decay_parameter_names(self, model):
         if self.args.decay_all_parameters:
-            return [name for name, _ in model.named_parameters()]
+            return minimind_recipe.every_parameter_name(model)
         return super().get_decay_parameter_names(model)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -483,7 +326,7 @@ class MiniDPOTrainer(DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = list(PAIR_COLUMNS) + list(REF_COLUMNS) + list(NO_THINK_COLUMNS)
+            self._signature_columns = list(PAIR_COLUMNS) + list(REF_COLUMNS) + list(minimind_recipe.NO_THINK_COLUMNS)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.args.length_normalize and _TRL_LENGTH_AVERAGED & set(self.loss_types):
@@ -529,109 +372,6 @@ class MiniDPOTrainer(DPOTrainer):
         tied = distributed.tied_duplicates(self.accelerator.unwrap_model(self.model))
         missing = [k for k in load_result.missing_keys if k not in tied]
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
-
-
-class MiniMindOrder(torch.utils.data.Sampler):
-    """The order in which MiniMind's train_dpo.py reads its data (from 2026-01-18), epoch by epoch (`set_epoch`).
-
-    One process: `torch.manual_seed(42 + epoch)` then `torch.randperm(n)`, read in consecutive batches. Several: each
-    rank reads what torch's `DistributedSampler` (shuffle, seed 0, padded to equal shares) gives it, as MiniMind's DDP
-    runs do; the indices are laid out so that Accelerate, which deals a process every `world`-th batch, hands rank r
-    exactly those batches (exactly while a rank's share is whole batches; a last partial batch is split as
-    Accelerate splits batches). With `think` (`EmptyThinkDraws`), each index comes with MiniMind's draws for it:
-    `(index, drop chosen's empty think blocks, drop rejected's)`, for `Renders`.
-    """
-
-    def __init__(self, n: int, batch_size: int, world: int = 1, rank: int = 0, think: EmptyThinkDraws | None = None):
-        self.n, self.batch_size, self.world, self.rank, self.think = n, batch_size, world, rank, think
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _shares(self) -> list[list[int]]:
-        """Each rank's indices, in the order it reads them."""
-        if self.world == 1:
-            generator = torch.Generator().manual_seed(42 + self.epoch)
-            return [torch.randperm(self.n, generator=generator).tolist()]
-        shares = []
-        for rank in range(self.world):
-            sampler = torch.utils.data.DistributedSampler(range(self.n), num_replicas=self.world, rank=rank,
-                                                          shuffle=True, seed=0)
-            sampler.set_epoch(self.epoch)
-            shares.append(list(sampler))
-        return shares
-
-    def __iter__(self):
-        b = self.batch_size
-        shares = [[share[i:i + b] for i in range(0, len(share), b)] for share in self._shares()]
-        if self.think is not None:
-            shares = [self.think(batches, self.epoch, self.n) for batches in shares]
-        return iter([item for k in range(len(shares[0])) for batches in shares for item in batches[k]])
-
-    def __len__(self) -> int:
-        return self.n if self.world == 1 else -(-self.n // self.world) * self.world
-
-
-@dataclass
-class EmptyThinkDraws:
-    """minimind-3's random removal of empty think blocks, drawn as its DPODataset draws it (from 2026-03-25).
-
-    MiniMind renders a side, and when the render holds an empty think block, removes them all if
-    `random.random() > keep_ratio`: chosen first, then rejected, pair after pair, in the process that loads the
-    batch. Without workers that is the training process, whose `random` `setup_seed(42 + epoch)` seeded just before
-    the epoch; with N workers, batch k is loaded by worker k % N, whose `random` torch seeded with base_seed + worker
-    id, base_seed being the first int64 the DataLoader draws from torch's global generator, right after that epoch's
-    `torch.manual_seed(42 + epoch)` and `torch.randperm(len(dataset))`. Under DDP every rank seeds alike and draws
-    over its own batches.
-    """
-
-    blocks: list[tuple[bool, bool]]  # per pair: do the chosen and the rejected render hold an empty think block
-    keep_ratio: float
-    num_workers: int
-
-    def __call__(self, batches: list[list[int]], epoch: int, n: int) -> list[list[tuple[int, bool, bool]]]:
-        """One rank's batches of one epoch, each index with (drop chosen's blocks, drop rejected's)."""
-        if self.num_workers == 0:
-            rngs = [random.Random(42 + epoch)]
-        else:
-            generator = torch.Generator().manual_seed(42 + epoch)
-            torch.randperm(n, generator=generator)
-            base_seed = torch.empty((), dtype=torch.int64).random_(generator=generator).item()
-            rngs = [random.Random(base_seed + worker) for worker in range(self.num_workers)]
-        drawn = []
-        for k, batch in enumerate(batches):
-            rng = rngs[k % len(rngs)]
-            # `and` draws only for a render that holds a block, as MiniMind's `in` test before random() does
-            drawn.append([(i, self.blocks[i][0] and rng.random() > self.keep_ratio,
-                           self.blocks[i][1] and rng.random() > self.keep_ratio) for i in batch])
-        return drawn
-
-
-class Renders(torch.utils.data.Dataset):
-    """Encoded pairs read by `(index, drop chosen's empty think blocks, drop rejected's)`: each side is the sequence
-    as the template renders it, or the one without its empty think blocks (`encode_pair(..., no_think=True)`)."""
-
-    def __init__(self, pairs: Dataset):
-        self.pairs = pairs
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def with_blocks(self) -> list[tuple[bool, bool]]:
-        """Per pair, whether its chosen and its rejected render hold an empty think block."""
-        table = self.pairs.select_columns([f"{side}{NO_THINK}_input_ids" for side in SIDES]).with_format("arrow")[:]
-        lengths = [table.column(k).combine_chunks().value_lengths().to_pylist() for k in table.column_names]
-        return [(c > 0, r > 0) for c, r in zip(*lengths)]
-
-    def __getitem__(self, key: tuple[int, bool, bool]) -> dict:
-        index, *drops = key
-        row = self.pairs[index]
-        for side, drop in zip(SIDES, drops):
-            if drop:
-                row[f"{side}_input_ids"] = row[f"{side}{NO_THINK}_input_ids"]
-                row[f"{side}_loss_mask"] = row[f"{side}{NO_THINK}_loss_mask"]
-        return row
 
 
 def _encode_example(example, tokenizer, max_length, mask_mode, truncation_mode, no_think):

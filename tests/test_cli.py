@@ -16,7 +16,8 @@ PACKAGE = REPO / "minidpo"
 LAYERS = {
     "encoding": {"errors", "files", "console", "records", "masking", "embedded", "contracts"},
     "library": {"loading", "prepared", "convert", "models", "pairs", "scoring", "ref_cache", "plotting", "training_report",
-                "distributed", "trainer", "resilience", "run_record", "data_report", "evaluation", "minimind",
+                "minimind_recipe", "config", "distributed", "trainer", "resilience", "run_record", "data_report",
+                "evaluation", "minimind",
                 "__init__"},
     "commands": {"train", "commands"},
     "cli": {"cli"},

@@ -151,3 +151,33 @@ def test_config_trains_as_minimind(tmp_path, monkeypatch, version, config):
           f"weights moved >= {moved:.1e} relative")
     assert len(seen["loss"]) == len(losses) and diff <= 1e-5, (seen["loss"], losses)
     assert rel <= 1e-5 and moved > 100 * 1e-5
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Each behaviour alone, without a Trainer (minidpo.minimind_recipe)
+
+
+@pytest.mark.parametrize("schedule,half", [("2510", 0.5), ("2512", 0.45)])
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_lr_factor_is_minimind_get_lr_per_batch(schedule, half, accumulation):
+    """MiniMind's get_lr(step, total, lr) / lr, written out: 0.1 + half * (1 + cos(pi * step / total)), with step the
+    1-based index of the last batch an optimizer step consumed."""
+    from minidpo.minimind_recipe import lr_factor
+
+    steps = 5
+    factor = lr_factor(schedule, steps, accumulation)
+    total = steps * accumulation
+    for k in range(steps):
+        step = (k + 1) * accumulation
+        assert factor(k) == pytest.approx(0.1 + half * (1 + math.cos(math.pi * step / total)))
+    assert factor(steps - 1) == pytest.approx(0.1)  # the floor at the last batch
+
+
+def test_every_parameter_name_includes_norms_and_biases():
+    from minidpo.embedded import build_tiny_model, build_tokenizer
+    from minidpo.minimind_recipe import every_parameter_name
+
+    model = build_tiny_model(build_tokenizer(), num_layers=1)
+    names = every_parameter_name(model)
+    assert names == [n for n, _ in model.named_parameters()]
+    assert any("norm" in n for n in names)

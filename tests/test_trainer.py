@@ -214,11 +214,11 @@ def test_config_rejects_incompatible_losses(tmp_path):
 @pytest.mark.parametrize("cuda,bf16_supported,expected", [(False, False, False), (True, True, True),
                                                            (True, False, False)])
 def test_bf16_by_default_only_where_the_gpu_has_it(monkeypatch, cuda, bf16_supported, expected):
-    from minidpo import trainer
+    from minidpo import config
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
-    assert trainer._default_bf16() is expected
+    assert config._default_bf16() is expected
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only defaults")
@@ -607,7 +607,7 @@ def test_minimind_order_under_ddp_is_distributed_samplers(n):
     from accelerate.data_loader import BatchSamplerShard
     from torch.utils.data import BatchSampler, DistributedSampler
 
-    from minidpo.trainer import MiniMindOrder
+    from minidpo.minimind_recipe import MiniMindOrder
 
     world, batch = 2, 4
     for epoch in (0, 1):
@@ -669,7 +669,7 @@ def test_empty_think_draws_are_minimind_dataloaders(num_workers, world):
     from accelerate.data_loader import BatchSamplerShard
     from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-    from minidpo.trainer import EmptyThinkDraws, MiniMindOrder
+    from minidpo.minimind_recipe import EmptyThinkDraws, MiniMindOrder
 
     # one process: a last partial batch; two: shares of whole batches (Accelerate splits a partial one its own way)
     n, batch, block = 22 if world == 1 else 24, 4, EMPTY_THINK_BLOCK
@@ -723,7 +723,7 @@ def test_renders_without_empty_think_blocks_score_minimind_sequences(tmp_path):
 
     from helpers import minimind_reference, shared_path
     from minidpo.masking import common_prefix
-    from minidpo.trainer import Renders
+    from minidpo.minimind_recipe import Renders
 
     tok = AutoTokenizer.from_pretrained(shared_path("tokenizers", "minimind3"))
     pool = make_preference_records(40, seed=4, multi_turn_fraction=0.5)
