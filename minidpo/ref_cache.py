@@ -1,5 +1,6 @@
-"""Reference log-probs kept on disk across runs, keyed by what they depend on.
+"""Reference log-probs computed once (length-sorted, shared out across processes) and kept on disk across runs.
 
+The cache is keyed by what the values depend on.
 TRL's own cache lives beside the dataset's cache files, keyed by its fingerprint: in-memory datasets (what train.py
 passes) get a random fingerprint in a per-process temporary folder, so every run recomputes and ranks other than 0
 cannot find rank 0's file. This cache is keyed by content: the reference weights (TRL's hash of them), the encoded
@@ -15,14 +16,14 @@ import json
 from pathlib import Path
 
 import torch
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 from datasets.fingerprint import Hasher
 
 from minidpo.console import say
 from minidpo.files import atomic_path, cache_root, remove_orphans
 from minidpo.models import first_line
-from minidpo.pairs import REF_COLUMNS, content_hash
-from minidpo.scoring import SCORING_VERSION
+from minidpo.pairs import REF_COLUMNS, content_hash, pair_lengths
+from minidpo.scoring import SCORING_VERSION, log_probs_only
 
 _VERSION = "minidpo.ref-logps/2"  # bump when the values for the same key would change (2: the model's config)
 
@@ -86,3 +87,30 @@ def attach(dataset, logps: torch.Tensor):
     if present:
         dataset = dataset.remove_columns(present)
     return dataset.add_column(REF_COLUMNS[0], logps[:, 0].tolist()).add_column(REF_COLUMNS[1], logps[:, 1].tolist())
+
+
+@torch.no_grad()
+def compute_sorted(dataset, batch_size: int, collate, score, accelerator) -> torch.Tensor:
+    """`[len(dataset), 2]` reference log-probs (chosen, rejected) of encoded pairs: batches of similar length (less
+    padding), dealt round-robin to the processes, gathered so every rank holds all of them. `score(batch)` returns
+    the (chosen, rejected) log-probs of a collated batch (TRL's `compute_ref_log_probs`)."""
+    lengths = pair_lengths(dataset)
+    order = sorted(range(len(dataset)), key=lengths.__getitem__, reverse=True)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    mine = batches[rank::world]
+    # Sharded models (ZeRO-3, FSDP) run every forward collectively: all ranks take the same number of steps, the
+    # ones out of batches repeat one whose result is dropped.
+    steps = -(-len(batches) // world)
+    results = []
+    with log_probs_only():  # the policy model scores the reference here: TRL reads nothing but the log-probs
+        for step in range(steps):
+            idx = mine[step] if step < len(mine) else batches[0]
+            batch = {k: v.to(accelerator.device) for k, v in collate([dataset[i] for i in idx]).items()}
+            chosen, rejected = score(batch)
+            if step < len(mine):
+                results.append((idx, torch.stack([chosen, rejected], dim=1).float().cpu()))
+    logps = torch.full((len(dataset), 2), float("nan"))
+    for idx, values in gather_object(results) if world > 1 else results:
+        logps[idx] = values
+    return logps

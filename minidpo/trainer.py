@@ -30,7 +30,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from accelerate.utils import gather_object, is_peft_model
+from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from datasets.fingerprint import Hasher
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -47,7 +47,7 @@ from minidpo.masking import encode_pair, is_scorable
 from minidpo.models import ensure_pad_token, load_tokenizer, use_pad_token
 from minidpo.pairs import PAIR_COLUMNS, REF_COLUMNS, PairCollator, pair_lengths
 from minidpo.scoring import (COMPACT_FIELDS, SCORING_VERSION, expert_count, install_pair_forward,
-                             log_probs_only, recorded_outputs)
+                             recorded_outputs)
 
 logger = logging.get_logger(__name__)
 
@@ -207,32 +207,10 @@ class MiniDPOTrainer(DPOTrainer):
             return self._precompute_engine
         return self.ref_model or self.model
 
-    @torch.no_grad()
     def _compute_ref_logps_sorted(self, dataset, batch_size) -> torch.Tensor:
-        """[len(dataset), 2] reference log-probs (chosen, rejected): batches of similar length, dealt round-robin
-        to the processes, gathered so every rank holds all of them."""
         model = self._precompute_model()
-        lengths = pair_lengths(dataset)
-        order = sorted(range(len(dataset)), key=lengths.__getitem__, reverse=True)
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        mine = batches[rank::world]
-        # Sharded models (ZeRO-3, FSDP) run every forward collectively: all ranks take the same number of steps,
-        # the ones out of batches repeat one whose result is dropped.
-        steps = -(-len(batches) // world)
-        results = []
-        with log_probs_only():  # the policy model scores the reference here: TRL reads nothing but the log-probs
-            for step in range(steps):
-                idx = mine[step] if step < len(mine) else batches[0]
-                batch = self.data_collator([dataset[i] for i in idx])
-                batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-                chosen, rejected = self.compute_ref_log_probs(model, batch)
-                if step < len(mine):
-                    results.append((idx, torch.stack([chosen, rejected], dim=1).float().cpu()))
-        logps = torch.full((len(dataset), 2), float("nan"))
-        for idx, values in gather_object(results) if world > 1 else results:
-            logps[idx] = values
-        return logps
+        return ref_cache.compute_sorted(dataset, batch_size, self.data_collator,
+                                        lambda batch: self.compute_ref_log_probs(model, batch), self.accelerator)
 
     def get_train_dataloader(self):
         if self.args.empty_think_keep_ratio == 1 or not isinstance(self.train_dataset, Dataset):
