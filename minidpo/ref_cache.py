@@ -1,6 +1,5 @@
 """Reference log-probs computed once (length-sorted, shared out across processes) and kept on disk across runs.
 
-The cache is keyed by what the values depend on.
 TRL's own cache lives beside the dataset's cache files, keyed by its fingerprint: in-memory datasets (what train.py
 passes) get a random fingerprint in a per-process temporary folder, so every run recomputes and ranks other than 0
 cannot find rank 0's file. This cache is keyed by content: the reference weights (TRL's hash of them), the encoded
