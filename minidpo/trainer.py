@@ -32,21 +32,17 @@ from pathlib import Path
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
-from datasets.fingerprint import Hasher
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.utils import logging
 from trl import DPOTrainer
-from trl.data_utils import extract_prompt
 from trl.models import prepare_deepspeed
 
 from minidpo import distributed, minimind_recipe, ref_cache, training_report
 from minidpo.config import MiniDPOConfig
 from minidpo.console import say
-from minidpo.errors import RecordError
-from minidpo.masking import encode_pair, is_scorable
 from minidpo.models import ensure_pad_token, load_tokenizer, use_pad_token
-from minidpo.pairs import PAIR_COLUMNS, REF_COLUMNS, PairCollator, pair_lengths
-from minidpo.scoring import (COMPACT_FIELDS, SCORING_VERSION, expert_count, install_pair_forward,
+from minidpo.pairs import PAIR_COLUMNS, REF_COLUMNS, PairCollator, encode_dataset, pair_lengths
+from minidpo.scoring import (COMPACT_FIELDS, expert_count, install_pair_forward,
                              recorded_outputs)
 
 logger = logging.get_logger(__name__)
@@ -249,57 +245,12 @@ class MiniDPOTrainer(DPOTrainer):
         return super().get_decay_parameter_names(model)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        """Encode preference records into ids and loss masks (`minidpo.masking.encode_pair`) and drop the pairs left
-        with nothing to score. Takes every layout TRL's DPOTrainer takes: standard (text) or conversational records,
-        with an explicit prompt or an implicit one (the shared start of chosen and rejected, found as TRL finds it),
-        `tools` and `chat_template_kwargs` columns, map-style or iterable. Encoded datasets pass through."""
-        columns = list(next(iter(dataset)).keys()) if dataset.column_names is None else dataset.column_names
-        if set(PAIR_COLUMNS) <= set(columns):
-            return dataset  # already encoded (evaluate() passes prepared datasets through here again)
-        if {"image", "images"} & set(columns):
-            raise ValueError(f"{dataset_name} dataset: image columns found; MiniDPOTrainer scores text (its masks are "
-                             "token masks of chat-rendered text), so train vision-language models with trl.DPOTrainer")
-        if not {"chosen", "rejected"} <= set(columns):
-            raise ValueError(f"{dataset_name} dataset: expected preference records with chosen and rejected (and an "
-                             f"optional prompt), got columns {sorted(columns)}")
+        """`minidpo.pairs.encode_dataset`: every layout TRL's DPOTrainer takes, encoded with MiniMind's masks; the
+        pairs dropped (nothing scored at max_length) are counted for the model card."""
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        iterable = isinstance(dataset, IterableDataset)
-        # IterableDataset.map/filter take neither num_proc nor desc nor a fingerprint
-        map_kwargs = {} if iterable else {"num_proc": args.dataset_num_proc}
-        with args.main_process_first(desc=f"encoding the {dataset_name} pairs"):
-            if "prompt" not in columns:
-                dataset = dataset.map(extract_prompt, **map_kwargs,
-                                      **({} if iterable else {"desc": f"Extracting the {dataset_name} prompts"}))
-                columns = [c for c in columns if c != "prompt"] + ["prompt"]
-            encode_kwargs = dict(map_kwargs)
-            no_think = args.empty_think_keep_ratio < 1
-            if no_think and iterable:
-                raise ValueError(f"{dataset_name} dataset: empty_think_keep_ratio < 1 draws along MiniMind's order, "
-                                 "which indexes the pairs: pass a Dataset, not an IterableDataset")
-            if not iterable:
-                # The fingerprint names the cache files of this map and of TRL's precomputed reference log-probs,
-                # so it carries every setting those depend on (length_normalize changes the reference values).
-                encode_kwargs.update(
-                    new_fingerprint=Hasher.hash((dataset._fingerprint, tokenizer, args.max_length, args.mask_mode,
-                                                 args.truncation_mode, args.length_normalize, no_think,
-                                                 "minidpo.encode_pair/2", SCORING_VERSION)),
-                    desc=f"Encoding {dataset_name} pairs ({args.mask_mode} masks)")
-            dataset = dataset.map(
-                _encode_example, remove_columns=columns, **encode_kwargs,
-                fn_kwargs={"tokenizer": tokenizer, "max_length": args.max_length, "mask_mode": args.mask_mode,
-                           "truncation_mode": args.truncation_mode, "no_think": no_think})
-            n = None if iterable else len(dataset)
-            dataset = dataset.filter(is_scorable, **map_kwargs)
-        if n is not None:
-            dropped = n - len(dataset)
+        dataset, dropped = encode_dataset(dataset, tokenizer, args, dataset_name)
+        if dropped is not None:
             self.pairs_dropped[dataset_name] = dropped
-            if dropped and args.process_index == 0:
-                logger.warning(f"{dataset_name}: dropped {dropped} of {n} pairs with no scored token after truncation "
-                               f"to max_length={args.max_length}. `minidpo convert --tokenizer ... --max-length ...` "
-                               "lists them with their line numbers in rejects.jsonl.")
-            if len(dataset) == 0:
-                raise ValueError(f"{dataset_name} dataset: no pair has a scored token at "
-                                 f"max_length={args.max_length}.")
         return dataset
 
     def _set_signature_columns_if_needed(self):
@@ -350,13 +301,3 @@ class MiniDPOTrainer(DPOTrainer):
         tied = distributed.tied_duplicates(self.accelerator.unwrap_model(self.model))
         missing = [k for k in load_result.missing_keys if k not in tied]
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
-
-
-def _encode_example(example, tokenizer, max_length, mask_mode, truncation_mode, no_think):
-    try:
-        return encode_pair(example, tokenizer, max_length=max_length, mask_mode=mask_mode,
-                           truncation_mode=truncation_mode, no_think=no_think)
-    except RecordError as e:
-        if e.code == "no_think_needs_markers":
-            raise ValueError(f"empty_think_keep_ratio < 1: {e.message}") from None
-        raise
