@@ -1,5 +1,9 @@
 """MiniDPOTrainer: TRL's DPOTrainer scoring exactly MiniMind's tokens, with length-averaged log-ratios.
 
+This module is the adapter: each override is a few lines calling plain functions that hold the behaviour
+(`minidpo.config`, `pairs`, `scoring`, `ref_cache`, `minimind_recipe`, `distributed`, `training_report`), and it is
+the one place that touches TRL / Transformers / Accelerate internals (listed in `minidpo.contracts`).
+
 What changes against stock TRL, and nothing else:
   - tokenization: each pair goes through `minidpo.masking.encode_pair` (MiniMind's assistant-span masks,
     multi-turn included, for conversations; TRL's prompt/completion split for plain text) and a collator pads
@@ -11,8 +15,9 @@ What changes against stock TRL, and nothing else:
 
 Speed, each keeping the loss (tests/test_trainer.py; scripts/bench.py measures them):
   - `share_prompt=True`: chosen and rejected share their prompt, so each pair runs as one row, prompt once, the
-    rejected answer attending to the prompt and itself only; on devices without Triton the LM head projects only
-    the scored positions (both in `minidpo.scoring`);
+    rejected answer attending to the prompt and itself only, for the model families proven exact that way
+    (`scoring.PACKED_ROW_FAMILIES`, tests/test_architectures.py); on devices without Triton the LM head projects
+    only the scored positions (both in `minidpo.scoring`);
   - `precompute_ref_log_probs=True`: reference log-probs computed once over length-sorted batches and cached on disk
     under `ref_cache_dir`, keyed by the weights and the encoded pairs, so later runs (sweeps) skip them
     (`minidpo.ref_cache`);
