@@ -15,7 +15,7 @@ from pathlib import Path
 
 from minidpo.errors import RecordError, UserError
 from minidpo.files import atomic_path, check_input_file, remove_orphans, write_error
-from minidpo.masking import MASK_MODES, check_tokenizer, common_prefix, diagnose_pair
+from minidpo.masking import MASK_MODES, check_tokenizer, common_prefix, encode_pair_with_issues
 from minidpo.records import in_eval_split, iter_jsonl_lines, parse_line, reject_entry, special_tokens
 
 _MAX_WARNINGS = 100  # warnings kept with their line numbers in stats.json; all are counted
@@ -50,7 +50,7 @@ class LengthStats:
 
 
 def _pair_checker(tokenizer, max_length, mask_mode):
-    """`check(record) -> (encoded, issues)` through `minidpo.masking.diagnose_pair`, raising RecordError for
+    """`check(record) -> (encoded, issues)` through `minidpo.masking.encode_pair_with_issues`, raising RecordError for
     a fatal issue. UserError, before any record is read, when the tokenizer cannot be used at all."""
     from jinja2 import TemplateError
 
@@ -58,7 +58,7 @@ def _pair_checker(tokenizer, max_length, mask_mode):
 
     def check(record):
         try:
-            encoded, issues = diagnose_pair(record, tokenizer, max_length=max_length, mask_mode=mask_mode)
+            encoded, issues = encode_pair_with_issues(record, tokenizer, max_length=max_length, mask_mode=mask_mode)
         except TemplateError as e:  # templates may refuse a record, e.g. Llama's "roles must alternate"
             raise RecordError("template_error", f"the chat template refused this record: {e}") from None
         fatal = next((i for i in issues if i.fatal), None)
@@ -105,7 +105,7 @@ def convert_file(input_path, output_dir, tokenizer=None, max_length=None, mask_m
                  eval_fraction=0.0, seed=0, strict=False, progress=True, overwrite=False) -> dict:
     """Stream a MiniMind dpo.jsonl into DIR/{train,eval,rejects}.jsonl + DIR/stats.json; returns the stats.
 
-    With a tokenizer, each pair also goes through `minidpo.masking.diagnose_pair`: fatal issues (nothing left
+    With a tokenizer, each pair also goes through `minidpo.masking.encode_pair_with_issues`: fatal issues (nothing left
     to score after truncation, ...) reject the record, others are counted as warnings.
     Raises UserError for an unusable input/tokenizer, an output that holds files already (unless `overwrite`) or
     is the input itself, a write that fails (disk full: nothing written is left), when nothing converts, and on

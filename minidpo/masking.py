@@ -12,7 +12,7 @@ including that turn, mapped to tokens through the tokenizer's offsets. On MiniMi
 the same mask (tested); on minimind-3's the marker search also scores the empty `<think>` block its template
 puts after the header, which the template way leaves out — MiniMind's behaviour is kept in "minimind" mode.
 
-Where MiniMind's search scores nothing or something odd, `diagnose_pair` says so (see `Issue` codes):
+Where MiniMind's search scores nothing or something odd, `encode_pair_with_issues` says so (see `Issue` codes):
   - `no_scored_tokens` (fatal): a side scores no token, e.g. `max_length` cuts inside the prompt or the
     assistant header; MiniMind would divide 0 by its 1e-8 clamp and train on a meaningless zero log-prob.
   - `unscored_assistant_turn`: fewer assistant spans found than assistant turns (a header tokenized
@@ -44,8 +44,8 @@ NO_THINK = "_no_think"
 
 @dataclass(frozen=True)
 class Issue:
-    """Something `diagnose_pair` found in one pair: `code` (see the module docstring), a message, and whether it is
-    fatal (the pair cannot be trained on)."""
+    """Something `encode_pair_with_issues` found in one pair: `code` (see the module docstring), a message, and
+    whether it is fatal (the pair cannot be trained on)."""
 
     code: str
     message: str
@@ -56,8 +56,8 @@ class Issue:
 class _Scheme:
     """How one tokenizer is scored: MiniMind's marker ids, or None to take spans from the chat template."""
 
-    bos_ids: tuple[int, ...] | None
-    eos_ids: tuple[int, ...] | None
+    turn_start_ids: tuple[int, ...] | None  # the ids of "{bos}assistant\n": where an assistant turn starts
+    turn_end_ids: tuple[int, ...] | None  # the ids of "{eos}\n": where it ends
 
 
 # tokenizer -> (what the scheme was derived from, scheme): recomputed when the template or markers change
@@ -116,7 +116,7 @@ def _scheme(tokenizer) -> _Scheme:
 
 def uses_minimind_markers(tokenizer) -> bool:
     """True when "minimind" mode runs MiniMind's own marker search on this tokenizer."""
-    return _scheme(tokenizer).bos_ids is not None
+    return _scheme(tokenizer).turn_start_ids is not None
 
 
 _PROBE = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello"}],
@@ -127,7 +127,7 @@ def check_tokenizer(tokenizer, max_length: int | None = None, mask_mode: str = "
     """`uses_minimind_markers(tokenizer)`, after encoding one plain pair with it: UserError, before any record is
     read, when the tokenizer cannot score assistant tokens at all (no chat template, slow tokenizer, ...)."""
     try:
-        diagnose_pair(_PROBE, tokenizer, max_length=max_length, mask_mode=mask_mode)
+        encode_pair_with_issues(_PROBE, tokenizer, max_length=max_length, mask_mode=mask_mode)
         return uses_minimind_markers(tokenizer)
     except RecordError as e:
         raise UserError(f"this tokenizer cannot be used ({e.code}): {e.message}", code="bad_tokenizer") from None
@@ -147,7 +147,7 @@ def _find(ids: list[int], pattern: tuple[int, ...], start: int) -> int:
         i += 1
 
 
-def minimind_spans(ids: list[int], bos_ids, eos_ids) -> list[tuple[int, int, bool]]:
+def minimind_spans(ids: list[int], start_ids, end_ids) -> list[tuple[int, int, bool]]:
     """MiniMind's marker search: (start, end, closed) per span; tokens start..end-1 are scored.
 
     A span opens right after the opening marker and runs through the closing marker inclusive; with no closing
@@ -156,16 +156,16 @@ def minimind_spans(ids: list[int], bos_ids, eos_ids) -> list[tuple[int, int, boo
     spans = []
     i = 0
     while True:
-        i = _find(ids, bos_ids, i)
+        i = _find(ids, start_ids, i)
         if i < 0:
             return spans
-        start = i + len(bos_ids)
-        end = _find(ids, eos_ids, start)
+        start = i + len(start_ids)
+        end = _find(ids, end_ids, start)
         if end < 0:
             spans.append((start, len(ids), False))
             return spans
-        spans.append((start, end + len(eos_ids), True))
-        i = end + len(eos_ids)
+        spans.append((start, end + len(end_ids), True))
+        i = end + len(end_ids)
 
 
 def assistant_char_spans(messages: list[dict], tokenizer, **kwargs) -> tuple[str, list[tuple[int, int]]]:
@@ -222,10 +222,10 @@ def _encode_side(messages, tokenizer, max_length, mask_mode, side, kwargs, trunc
     scheme = _scheme(tokenizer)
     issues: list[Issue] = []
     n_turns = sum(m["role"] == "assistant" for m in messages)
-    if mask_mode == "minimind" and scheme.bos_ids is not None:
+    if mask_mode == "minimind" and scheme.turn_start_ids is not None:
         # Exactly MiniMind's call: default special-token handling, keep-start truncation.
         full = ids = tokenizer(render(messages, tokenizer, **kwargs) if text is None else text)["input_ids"]
-        full_spans = minimind_spans(ids, scheme.bos_ids, scheme.eos_ids)
+        full_spans = minimind_spans(ids, scheme.turn_start_ids, scheme.turn_end_ids)
         if len(full_spans) != n_turns:
             issues.append(Issue(
                 "unscored_assistant_turn" if len(full_spans) < n_turns else "extra_scored_span",
@@ -237,7 +237,7 @@ def _encode_side(messages, tokenizer, max_length, mask_mode, side, kwargs, trunc
         if truncation_mode == "keep_start" and max_length is not None:
             ids = ids[:max_length]  # MiniMind searches the markers in what truncation kept
         mask = [0] * len(ids)
-        for start, end, _ in minimind_spans(ids, scheme.bos_ids, scheme.eos_ids):
+        for start, end, _ in minimind_spans(ids, scheme.turn_start_ids, scheme.turn_end_ids):
             mask[start:end] = [1] * (min(end, len(ids)) - start)
         answer_end = full_spans[-1][1] if full_spans else 0
     else:
@@ -291,8 +291,8 @@ def _encode_text_pair(record, tokenizer, max_length, truncation_mode):
     return out, issues
 
 
-def diagnose_pair(record: dict, tokenizer, max_length: int | None = None, mask_mode: str = "minimind",
-                  truncation_mode: str = "keep_start", no_think: bool = False):
+def encode_pair_with_issues(record: dict, tokenizer, max_length: int | None = None, mask_mode: str = "minimind",
+                            truncation_mode: str = "keep_start", no_think: bool = False):
     """`encode_pair`'s output plus the list of `Issue`s found on the way (fatal ones mean: do not train on it)."""
     if mask_mode not in MASK_MODES:
         raise RecordError("bad_mask_mode", f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
@@ -337,7 +337,7 @@ def _encode_messages_pair(record: dict, tokenizer, max_length, mask_mode: str, t
             issues += [i for i in bare.issues if i.fatal]
     # TRL's prompt_ids: the prompt with the generation prompt, tokenized as the sequences are, cut where they diverge
     prompt = render(record["prompt"], tokenizer, add_generation_prompt=True, **kwargs)
-    marker_search = mask_mode == "minimind" and _scheme(tokenizer).bos_ids is not None
+    marker_search = mask_mode == "minimind" and _scheme(tokenizer).turn_start_ids is not None
     prompt_ids = tokenizer(prompt, **({} if marker_search else {"add_special_tokens": False}))["input_ids"]
     out["prompt_ids"] = prompt_ids[:min(len(prompt_ids), *(common_prefix(prompt_ids, ids) for ids in full.values()))]
     return out, issues
@@ -364,4 +364,4 @@ def encode_pair(record: dict, tokenizer, max_length: int | None = None, mask_mod
     empty `<think>\n\n</think>\n\n` block removed, as minimind-3's DPODataset removes them (empty lists when the
     render has none); `minimind` mode with MiniMind's markers only.
     """
-    return diagnose_pair(record, tokenizer, max_length, mask_mode, truncation_mode, no_think)[0]
+    return encode_pair_with_issues(record, tokenizer, max_length, mask_mode, truncation_mode, no_think)[0]

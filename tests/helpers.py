@@ -108,7 +108,8 @@ def perturbed_policy(tokenizer, scale: float = 0.3):
 
 def seq_logp(model, ids, mask, average: bool = True):
     """Log-prob of the scored tokens of one sequence (`mask[i]` scores token i), from a full-sequence forward
-    and a log-softmax over the whole vocabulary: the seed's formula, independent of TRL and minidpo. Keeps the
+    and a log-softmax over the whole vocabulary: the seed's formula (the walkthrough in ../shared/seed/ this project
+    started from: MiniMind's dpo_loss on masked, length-averaged log-probs), independent of TRL and minidpo. Keeps the
     graph (call under torch.no_grad() when no gradient is wanted)."""
     import torch
 

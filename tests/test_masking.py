@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from helpers import minimind_reference, shared_path
 from minidpo.embedded import build_tokenizer
 from minidpo.errors import RecordError, UserError
-from minidpo.masking import check_tokenizer, diagnose_pair, encode_pair, uses_minimind_markers
+from minidpo.masking import check_tokenizer, encode_pair_with_issues, encode_pair, uses_minimind_markers
 
 
 def assert_same_as_minimind(record, tokenizer, max_length):
@@ -231,12 +231,12 @@ def test_diagnose_flags_truncation_and_rejects_unscorable(tokenizer):
     record = CASES["multi-turn"]
     full = encode_pair(record, tokenizer)
     first_scored = full["chosen_loss_mask"].index(1)
-    _, issues = diagnose_pair(record, tokenizer, max_length=first_scored + 2)
+    _, issues = encode_pair_with_issues(record, tokenizer, max_length=first_scored + 2)
     codes = {i.code for i in issues if i.fatal}
     # the first turn is scored, so only the truncation is reported, nothing fatal
     assert "answer_truncated" in {i.code for i in issues} and not codes
     header_cut = 3
-    _, issues = diagnose_pair(record, tokenizer, max_length=header_cut)
+    _, issues = encode_pair_with_issues(record, tokenizer, max_length=header_cut)
     assert any(i.code == "no_scored_tokens" and i.fatal for i in issues)
 
 
@@ -270,12 +270,12 @@ def test_header_merging_with_answer_is_reported_and_matches_minimind():
     tok.add_tokens(["\n\n"])
     multi = trl(conv(("first", "\nstarts with a newline"), ("second", "plain")), "other")
     assert_same_as_minimind(multi, tok, 256)
-    out, issues = diagnose_pair(multi, tok)
+    out, issues = encode_pair_with_issues(multi, tok)
     assert [i.code for i in issues] == ["unscored_assistant_turn", "unscored_assistant_turn"]
     assert not any(i.fatal for i in issues)
     assert scored_text(tok, out["chosen_input_ids"], out["chosen_loss_mask"]) == "plain<|im_end|>\n"
 
     single = trl(conv(("q", "\nanswer")), "fine answer")
     assert_same_as_minimind(single, tok, 256)
-    _, issues = diagnose_pair(single, tok)
+    _, issues = encode_pair_with_issues(single, tok)
     assert {(i.code, i.fatal) for i in issues} == {("unscored_assistant_turn", False), ("no_scored_tokens", True)}
