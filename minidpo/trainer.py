@@ -45,7 +45,8 @@ from trl.models import prepare_deepspeed
 from minidpo import distributed, ref_cache, training_report
 from minidpo.console import say
 from minidpo.errors import RecordError
-from minidpo.masking import MASK_MODES, NO_THINK, SIDES, TRUNCATION_MODES, encode_pair, is_scorable
+from minidpo.masking import (MASK_MODES, NO_THINK, SIDES, TRUNCATION_MODES, check_mask_mode, encode_pair,
+                             is_scorable)
 from minidpo.models import ensure_pad_token, load_tokenizer, use_pad_token
 from minidpo.pairs import PAIR_COLUMNS, REF_COLUMNS, PairCollator, pair_lengths
 from minidpo.scoring import (COMPACT_FIELDS, SCORING_VERSION, expert_count, install_pair_forward,
@@ -183,8 +184,7 @@ class MiniDPOConfig(DPOConfig):
         default=None, metadata={"help": "Deprecated alias of `activation_checkpointing`."})
 
     def __post_init__(self):
-        if self.mask_mode not in MASK_MODES:
-            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
+        check_mask_mode(self.mask_mode)
         if self.minimind_lr_schedule not in (None, *_MINIMIND_SCHEDULES):
             raise ValueError(f"minimind_lr_schedule must be one of {list(_MINIMIND_SCHEDULES)}, got "
                              f"{self.minimind_lr_schedule!r}")
