@@ -135,6 +135,10 @@ PRIVATE_MEMBERS = (
     # Transformers' Trainer
     Member("transformers:Trainer", "create_accelerator_and_postprocess", "method", (),
            "the FSDP2-on-CPU repair runs right after the Trainer builds its Accelerator"),
+    Member("transformers:Trainer", "__init__", "calls", ("create_accelerator_and_postprocess",),
+           "the FSDP2-on-CPU repair runs inside Trainer's construction, before the model is prepared"),
+    Member("transformers:Trainer", "_prepare_for_training", "source", ("return model, train_dataloader",),
+           "the override passes on the (model, dataloader) pair Trainer's training loop unpacks"),
     Member("transformers:Trainer", "is_fsdp_enabled", "attribute", (),
            "set by the FSDP2-on-CPU repair; _save reads it to drop the gathered copy of a tied LM head"),
     Member("transformers:Trainer", "_issue_warnings_after_load", "source", ("missing_keys",),
