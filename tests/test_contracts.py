@@ -1,5 +1,6 @@
-"""The private TRL / Transformers / Datasets members minidpo relies on (minidpo/contracts.py) still exist and behave
-as used, and the pins in pyproject.toml admit only the minor versions this was tested on."""
+"""The private TRL / Transformers / Accelerate / Datasets members minidpo relies on (minidpo/contracts.py) still exist
+and behave as used (the fused-head call and the log-prob sums it feeds by behaviour, with a spy model), every private
+name of MiniDPOTrainer is listed, and the pins in pyproject.toml admit only the minor versions this was tested on."""
 
 import inspect
 import re
