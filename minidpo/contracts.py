@@ -133,6 +133,8 @@ PRIVATE_MEMBERS = (
     Member("trl:DPOTrainer", "__init__", "source", ("add_model_tags(self._tag_names)",),
            "the model (and its card) carries the trainer's _tag_names"),
     # Transformers' Trainer
+    Member("transformers:Trainer", "get_train_dataloader", "method", (),
+           "minimind-3's empty think blocks: the training pairs are drawn through minidpo's Renders"),
     Member("transformers:Trainer", "create_accelerator_and_postprocess", "method", (),
            "the FSDP2-on-CPU repair runs right after the Trainer builds its Accelerator"),
     Member("transformers:Trainer", "__init__", "calls", ("create_accelerator_and_postprocess",),
@@ -171,6 +173,8 @@ PRIVATE_MEMBERS = (
     Member("trl:DPOTrainer", "_pair_forward_installed", "own", (), "set once the forward is wrapped"),
     Member("trl:DPOTrainer", "_precompute_model", "own", (), "the model that scores the reference"),
     Member("trl:DPOTrainer", "_compute_ref_logps_sorted", "own", (), "the sorted, sharded reference precompute"),
+    Member("trl:DPOTrainer", "_averaged_sft", "own", (), "TRL's sft term on length-averaged log-probs"),
+    Member("trl:DPOTrainer", "sft_weight", "own", (), "the weight of that term, taken out of TRL's loss_weights"),
 )
 
 

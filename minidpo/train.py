@@ -417,7 +417,7 @@ def _train(script_args: ScriptArguments, training_args: MiniDPOConfig, model_arg
         write_text_atomic(out / loading.EVAL_PAIRS,
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in evals))
     resilience.check_checkpoint_fits(checkpoint, trainer.accelerator.unwrap_model(trainer.model))
-    if script_args.overwrite_output_dir and trainer.accelerator.is_main_process:
+    if script_args.overwrite_output_dir and is_main_process():
         # The earlier run's checkpoints would otherwise be what a later resume_from_checkpoint: true takes
         gone = resilience.remove_checkpoints(out)
         if gone:
