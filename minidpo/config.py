@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import DPOConfig
 
-from minidpo.masking import MASK_MODES, TRUNCATION_MODES
+from minidpo.masking import MASK_MODES, TRUNCATION_MODES, check_mask_mode
 from minidpo.minimind_recipe import MINIMIND_SCHEDULES
 
 
@@ -134,8 +134,7 @@ class MiniDPOConfig(DPOConfig):
         default=None, metadata={"help": "Deprecated alias of `activation_checkpointing`."})
 
     def __post_init__(self):
-        if self.mask_mode not in MASK_MODES:
-            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
+        check_mask_mode(self.mask_mode)
         if self.minimind_lr_schedule not in (None, *MINIMIND_SCHEDULES):
             raise ValueError(f"minimind_lr_schedule must be one of {list(MINIMIND_SCHEDULES)}, got "
                              f"{self.minimind_lr_schedule!r}")

@@ -1,16 +1,22 @@
-"""The private members of TRL, Transformers and Datasets that minidpo relies on, listed in one place.
+"""The private members of TRL, Transformers, Accelerate and Datasets that minidpo relies on, listed in one place.
 
-They are why pyproject.toml pins `trl` and `transformers` below their next minor version. `problems()` checks each
+They are why pyproject.toml pins `trl`, `transformers` and `accelerate` below their next minor version. `problems()` checks each
 entry against the installed packages; tests/test_contracts.py runs it (plus the behaviour behind the two entries a
 name cannot prove), so an upgrade that removes or renames one fails there with the member and why minidpo needs
-it, not deep inside a training run.
+it, not deep inside a training run. Every underscore method `MiniDPOTrainer` defines is listed here (an override
+under its base class, a method of minidpo's own under "own"), and tests/test_contracts.py fails on one that is not.
 
 Kinds of entry:
   - "method": a callable on the class taking at least the given parameters (minidpo overrides or calls it);
   - "attribute": an attribute the class's `__init__` assigns (`self.NAME = ...`), which minidpo reads;
   - "calls": the method's source calls the named function (minidpo relies on that call happening);
   - "function": a module-level callable taking at least the given parameters;
-  - "field": a dataclass field.
+  - "field": a dataclass field;
+  - "namedtuple": a namedtuple with the given fields (minidpo calls its `_replace`);
+  - "class attribute": an attribute the class (or a base) sets in its body, which minidpo overrides;
+  - "source": the method's source holds each given text (a keyword argument it passes, a state it copies);
+  - "own": a method minidpo's trainer adds under a private name: no base class may define it (or minidpo would
+    silently replace TRL's or Transformers' method of the same name).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import re
 from dataclasses import dataclass
 
 
@@ -110,6 +117,64 @@ PRIVATE_MEMBERS = (
            "prepared data streams validated pairs into the Arrow files Dataset.from_file maps"),
     Member("datasets.arrow_writer:ArrowWriter", "write", "method", ("example",), "one validated pair at a time"),
     Member("datasets.arrow_writer:ArrowWriter", "finalize", "method", (), "flushes the last batch; returns the rows"),
+    # --- added for issue 22: the rest of what minidpo overrides, reads or writes
+    # TRL's DPOTrainer
+    Member("trl:DPOTrainer", "compute_ref_log_probs", "method", ("model", "inputs"),
+           "the sorted reference precompute calls it per batch and reads (chosen, rejected) sums of the fused head's "
+           "per-token log-probs (tests/test_contracts.py checks that by behaviour)"),
+    Member("trl:DPOTrainer", "compute_loss", "method", ("model", "inputs", "return_outputs", "num_items_in_batch"),
+           "length averaging adjusts the completion mask for ipo / sigmoid_norm, then calls TRL's loss"),
+    Member("trl:DPOTrainer", "_compute_loss", "source", ("fused_lm_head=True", ".log_probs", ".sum(dim=1)"),
+           "TRL sums the fused head's per-token log-probs: minidpo's forward divides them by the scored-token count, "
+           "so the sum is MiniMind's mean (checked by behaviour in tests/test_contracts.py)"),
+    Member("trl:DPOTrainer", "create_model_card", "method", ("model_name", "dataset_name", "tags"),
+           "minidpo's model card is TRL's plus its own sections"),
+    Member("trl:DPOTrainer", "_tag_names", "class attribute", (), "MiniDPOTrainer adds the 'minidpo' tag"),
+    Member("trl:DPOTrainer", "__init__", "source", ("add_model_tags(self._tag_names)",),
+           "the model (and its card) carries the trainer's _tag_names"),
+    # Transformers' Trainer
+    Member("transformers:Trainer", "get_train_dataloader", "method", (),
+           "minimind-3's empty think blocks: the training pairs are drawn through minidpo's Renders"),
+    Member("transformers:Trainer", "create_accelerator_and_postprocess", "method", (),
+           "the FSDP2-on-CPU repair runs right after the Trainer builds its Accelerator"),
+    Member("transformers:Trainer", "__init__", "calls", ("create_accelerator_and_postprocess",),
+           "the FSDP2-on-CPU repair runs inside Trainer's construction, before the model is prepared"),
+    Member("transformers:Trainer", "_prepare_for_training", "source", ("return model, train_dataloader",),
+           "the override passes on the (model, dataloader) pair Trainer's training loop unpacks"),
+    Member("transformers:Trainer", "is_fsdp_enabled", "attribute", (),
+           "set by the FSDP2-on-CPU repair; _save reads it to drop the gathered copy of a tied LM head"),
+    Member("transformers:Trainer", "_issue_warnings_after_load", "source", ("missing_keys",),
+           "the override filters load_result.missing_keys before Trainer reads them"),
+    Member("torch.nn.modules.module", "_IncompatibleKeys", "namedtuple", ("missing_keys", "unexpected_keys"),
+           "the load_result Trainer hands _issue_warnings_after_load: minidpo calls load_result._replace(...)"),
+    Member("transformers:PreTrainedModel", "is_activation_checkpointing", "property", (),
+           "packed pair rows are not used while checkpointing recomputes layers after the forward"),
+    Member("transformers:PretrainedConfig", "_name_or_path", "attribute", (),
+           "the tokenizer loaded for a model instance, and the base model named in the card"),
+    # the attention modules' call into the pair attention (scoring.pair_attention reads these keywords)
+    Member("transformers.models.mistral.modeling_mistral:MistralAttention", "forward", "source",
+           ("sliding_window=",), "pair attention applies the layer's sliding window at each token's own position"),
+    Member("transformers.models.gemma2.modeling_gemma2:Gemma2Attention", "forward", "source",
+           ("sliding_window=", "softcap="), "pair attention applies Gemma 2's logit softcapping"),
+    Member("transformers.models.gpt_oss.modeling_gpt_oss:GptOssAttention", "forward", "source",
+           ("sliding_window=", "s_aux="), "pair attention applies GPT-OSS's attention sinks"),
+    # Accelerate: the FSDP2-on-CPU repair writes its state
+    Member("accelerate.state:AcceleratorState", "distributed_type", "attribute", (),
+           "the FSDP2-on-CPU repair sets it to FSDP where Accelerate 1.15 leaves MULTI_CPU"),
+    Member("accelerate.state:AcceleratorState", "fsdp_plugin", "attribute", (),
+           "the FSDP2-on-CPU repair puts back the plugin the launcher configured"),
+    Member("accelerate.state:PartialState", "distributed_type", "attribute", (),
+           "written too: every later AcceleratorState() copies PartialState's type over"),
+    Member("accelerate.state:AcceleratorState", "__init__", "source",
+           ("self.__dict__.update(PartialState._shared_state)",),
+           "why the repair writes PartialState as well: each AcceleratorState() starts from PartialState's state"),
+    # minidpo's own private methods on MiniDPOTrainer: names TRL and Transformers must not take
+    Member("trl:DPOTrainer", "_install_pair_forward", "own", (), "wraps the fused heads with minidpo's forward"),
+    Member("trl:DPOTrainer", "_pair_forward_installed", "own", (), "set once the forward is wrapped"),
+    Member("trl:DPOTrainer", "_precompute_model", "own", (), "the model that scores the reference"),
+    Member("trl:DPOTrainer", "_compute_ref_logps_sorted", "own", (), "the sorted, sharded reference precompute"),
+    Member("trl:DPOTrainer", "_averaged_sft", "own", (), "TRL's sft term on length-averaged log-probs"),
+    Member("trl:DPOTrainer", "sft_weight", "own", (), "the weight of that term, taken out of TRL's loss_weights"),
 )
 
 
@@ -139,6 +204,10 @@ def problem(member: Member) -> str | None:
     except (ImportError, AttributeError) as e:
         return f"{member.owner} is gone ({e})"
     target = getattr(owner, member.name, None)
+    if member.kind == "own":
+        takers = [c.__name__ for c in inspect.getmro(owner) if c is not object
+                  and (member.name in vars(c) or re.search(rf"self\.{member.name}\b", _source(c)))]
+        return f"is now defined by {', '.join(takers)} too" if takers else None
     if member.kind == "attribute":
         classes = [c for c in inspect.getmro(owner) if c.__module__.split(".")[0] == owner.__module__.split(".")[0]]
         if not any(f"self.{member.name} =" in _source(c) for c in classes):
@@ -157,6 +226,17 @@ def problem(member: Member) -> str | None:
         return f"has no field {', '.join(missing)}" if missing else None
     if member.kind == "property":
         return None if isinstance(target, property) else "is not a property any more"
+    if member.kind == "namedtuple":
+        fields = getattr(target, "_fields", None)
+        if fields is None or not hasattr(target, "_replace"):
+            return "is not a namedtuple any more"
+        missing = [f for f in member.params if f not in fields]
+        return f"has no field {', '.join(missing)}" if missing else None
+    if member.kind == "class attribute":
+        return None if any(member.name in vars(c) for c in inspect.getmro(owner)) else "is no class attribute"
+    if member.kind == "source":
+        missing = [text for text in member.params if text not in _source(target)]
+        return f"no longer has {', '.join(repr(t) for t in missing)}" if missing else None
     return f"unknown contract kind {member.kind!r}"
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from minidpo.errors import RecordError, UserError
 from minidpo.files import atomic_path, check_input_file, remove_orphans, write_error
-from minidpo.masking import MASK_MODES, check_tokenizer, common_prefix, encode_pair_with_issues
+from minidpo.masking import check_mask_mode, check_tokenizer, common_prefix, encode_pair_with_issues
 from minidpo.records import in_eval_split, iter_jsonl_lines, parse_line, reject_entry, special_tokens
 
 _MAX_WARNINGS = 100  # warnings kept with their line numbers in stats.json; all are counted
@@ -117,8 +117,7 @@ def convert_file(input_path, output_dir, tokenizer=None, max_length=None, mask_m
         raise UserError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
     if max_length is not None and (tokenizer is None or max_length < 1):
         raise UserError("--max-length needs --tokenizer and a positive value")
-    if mask_mode not in MASK_MODES:
-        raise UserError(f"--mask-mode must be one of {', '.join(MASK_MODES)}, got {mask_mode!r}")
+    check_mask_mode(mask_mode, user_facing=True)
     specials = special_tokens(tokenizer)
     check = _pair_checker(tokenizer, max_length, mask_mode) if tokenizer is not None else None
     created = _prepare_output_dir(input_path, output_dir, overwrite)

@@ -17,7 +17,7 @@ from minidpo import loading
 from minidpo.convert import LengthStats
 from minidpo.errors import UserError
 from minidpo.files import write_text_atomic
-from minidpo.masking import DEFAULT_MAX_LENGTH, MASK_MODES, check_tokenizer, encode_pair, is_scorable
+from minidpo.masking import DEFAULT_MAX_LENGTH, check_mask_mode, check_tokenizer, encode_pair, is_scorable
 from minidpo.plotting import figure, save
 
 _LONGEST = 10
@@ -247,8 +247,7 @@ def report_data(input_path, tokenizer, output_dir, max_length: int = DEFAULT_MAX
         raise UserError(f"input not found: {input_path}", code="missing_path")
     if max_length < 1:
         raise UserError(f"--max-length must be positive, got {max_length}")
-    if mask_mode not in MASK_MODES:
-        raise UserError(f"--mask-mode must be one of {', '.join(MASK_MODES)}, got {mask_mode!r}")
+    check_mask_mode(mask_mode, user_facing=True)
     check_tokenizer(tokenizer, mask_mode=mask_mode)
     fmt, splits, rejects, convert_stats = _load_for_report(input_path, tokenizer)
     usable = sum(len(v) for v in splits.values())

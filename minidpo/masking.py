@@ -123,6 +123,16 @@ _PROBE = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "as
           "rejected": [{"role": "assistant", "content": "Go away"}]}
 
 
+def check_mask_mode(mask_mode: str, user_facing: bool = False) -> None:
+    """The one check of a mask mode against `MASK_MODES` (commands take theirs through argparse `choices=MASK_MODES`;
+    MiniDPOConfig, the converters and `encode_pair` call this). Raises `RecordError` (a `ValueError`, code
+    `bad_mask_mode`), or `UserError` when `user_facing` (library entry points of a command: convert, report-data)."""
+    if mask_mode in MASK_MODES:
+        return
+    message = f"mask_mode must be one of {', '.join(MASK_MODES)}, got {mask_mode!r}"
+    raise UserError(f"--{message.replace('_', '-', 1)}") if user_facing else RecordError("bad_mask_mode", message)
+
+
 def check_tokenizer(tokenizer, max_length: int | None = None, mask_mode: str = "minimind") -> bool:
     """`uses_minimind_markers(tokenizer)`, after encoding one plain pair with it: UserError, before any record is
     read, when the tokenizer cannot score assistant tokens at all (no chat template, slow tokenizer, ...)."""
@@ -294,8 +304,7 @@ def _encode_text_pair(record, tokenizer, max_length, truncation_mode):
 def encode_pair_with_issues(record: dict, tokenizer, max_length: int | None = None, mask_mode: str = "minimind",
                             truncation_mode: str = "keep_start", no_think: bool = False):
     """`encode_pair`'s output plus the list of `Issue`s found on the way (fatal ones mean: do not train on it)."""
-    if mask_mode not in MASK_MODES:
-        raise RecordError("bad_mask_mode", f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+    check_mask_mode(mask_mode)
     if truncation_mode not in TRUNCATION_MODES:
         raise RecordError("bad_truncation_mode", f"truncation_mode must be one of {TRUNCATION_MODES}, "
                                                  f"got {truncation_mode!r}")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from minidpo.console import say
+from minidpo.console import is_main_process, say
 from minidpo.errors import UserError
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -507,7 +507,7 @@ def preempted(trainer) -> bool:
     cb = next((c for c in trainer.callback_handler.callbacks if isinstance(c, PreemptionCallback)), None)
     if cb is None or not cb.preempted:
         return False
-    if trainer.accelerator.is_main_process:
+    if is_main_process():
         ckpt = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
         print(f"[minidpo] preempted ({cb.signal_name or 'signal on another process'}) at step "
               f"{trainer.state.global_step}/{trainer.state.max_steps}: checkpoint saved to {ckpt}\n"

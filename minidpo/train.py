@@ -412,12 +412,12 @@ def _train(script_args: ScriptArguments, training_args: MiniDPOConfig, model_arg
         raise UserError(str(e), code="bad_config") from None
     record.attach(trainer)
     trainer.data_source, trainer.lines_rejected = script_args.dataset_name, n_rejected
-    if evals is not None and trainer.accelerator.is_main_process:
+    if evals is not None and is_main_process():
         # what `minidpo eval` scores by default: the pairs this run held out, never ones it trained on
         write_text_atomic(out / loading.EVAL_PAIRS,
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in evals))
     resilience.check_checkpoint_fits(checkpoint, trainer.accelerator.unwrap_model(trainer.model))
-    if script_args.overwrite_output_dir and trainer.accelerator.is_main_process:
+    if script_args.overwrite_output_dir and is_main_process():
         # The earlier run's checkpoints would otherwise be what a later resume_from_checkpoint: true takes
         gone = resilience.remove_checkpoints(out)
         if gone:
@@ -443,7 +443,7 @@ def _run(trainer, script_args: ScriptArguments, model_args: ModelConfig, checkpo
 
     out = Path(training_args.output_dir)
     trainer.save_model(str(out))
-    if script_args.merge_adapter and model_args.use_peft and trainer.accelerator.is_main_process:
+    if script_args.merge_adapter and model_args.use_peft and is_main_process():
         # Merge what was just saved (base + adapter, reloaded), not the trained model: that one keeps its adapter
         # for push_to_hub and callers (merge_and_unload works in place), and under FSDP it is sharded over the
         # processes and cannot be copied.
@@ -451,7 +451,7 @@ def _run(trainer, script_args: ScriptArguments, model_args: ModelConfig, checkpo
         merged.merge_and_unload().save_pretrained(out / "merged")
         tokenizer.save_pretrained(out / "merged")
     summary = training_report.training_summary(trainer, metrics, n_rejected=n_rejected)
-    if trainer.accelerator.is_main_process:
+    if is_main_process():
         training_report.write_summary(out, summary)
     trainer.create_model_card(model_name=out.name)  # TRL's card plus minidpo's sections, main process only
     if training_args.push_to_hub:

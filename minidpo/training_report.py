@@ -17,6 +17,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from minidpo.console import is_main_process
 from minidpo.files import write_text_atomic
 from minidpo.plotting import figure, save
 
@@ -113,7 +114,7 @@ class PlotCallback(TrainerCallback):
         self.started = None
 
     def _draw(self, args, state):
-        if state.is_world_process_zero and state.log_history:
+        if is_main_process() and state.log_history:
             plot_training(state.log_history, Path(args.output_dir) / "plots")
 
     def on_train_begin(self, args, state, control, **kwargs):

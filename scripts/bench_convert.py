@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from minidpo.convert import convert_file  # noqa: E402
+from minidpo.masking import MASK_MODES  # noqa: E402
 from minidpo.models import load_tokenizer  # noqa: E402
 
 WORDS = ("the model answer data train loss token policy reference reward preference chosen rejected "
@@ -53,7 +54,7 @@ def main():
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--tokenizer", default=str(REPO.parent / "shared" / "tokenizers" / "minimind2"))
     ap.add_argument("--max-length", type=int, default=1024)
-    ap.add_argument("--mask-mode", default="minimind")
+    ap.add_argument("--mask-mode", choices=MASK_MODES, default="minimind")
     ap.add_argument("--profile", action="store_true", help="print the top functions by cumulative time")
     args = ap.parse_args()
 

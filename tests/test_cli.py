@@ -110,3 +110,60 @@ def test_console_script_errors_are_one_line(tmp_path):
                           env=subprocess_env(tmp_path), timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 2
     assert proc.stderr == f"minidpo convert: error: input file not found: {tmp_path / 'missing.jsonl'}\n"
+
+
+def test_every_mask_mode_option_takes_the_one_list(capsys):
+    """Each command that takes a mask mode refuses any other value while parsing (argparse `choices=` from
+    `minidpo.masking.MASK_MODES`); the library functions behind them share one check, `check_mask_mode`."""
+    from minidpo.errors import RecordError, UserError
+    from minidpo.masking import MASK_MODES, check_mask_mode
+
+    takers = []
+    for name, module_name in cli.COMMANDS.items():
+        parser = importlib.import_module(module_name).make_parser()
+        for action in parser._actions:
+            if action.dest == "mask_mode":
+                takers.append(name)
+                assert list(action.choices) == list(MASK_MODES), (name, action.choices)
+                with pytest.raises((SystemExit, UserError)) as e:  # train's parser raises UserError
+                    parser.parse_args([*action.option_strings[:1], "everything"])
+                assert "invalid choice: 'everything'" in (str(e.value) + capsys.readouterr().err), name
+    assert {"train", "convert", "report-data", "eval"} <= set(takers), takers
+    check_mask_mode("last-turn")
+    with pytest.raises(RecordError, match="mask_mode must be one of minimind, last-turn, got 'all'"):
+        check_mask_mode("all")
+    with pytest.raises(UserError, match="--mask-mode must be one of minimind, last-turn"):
+        check_mask_mode("all", user_facing=True)
+
+
+def test_rank_zero_is_asked_one_way(monkeypatch):
+    """`minidpo.console.is_main_process` answers from the launcher's RANK/LOCAL_RANK before Accelerate is set up and
+    with Accelerate's (the Trainer's) answer after; outside the console the package asks Accelerate, Trainer or
+    TrainingArguments for rank 0 only in trainer.py and ref_cache.py (collectives)."""
+    import re as _re
+
+    from minidpo import console
+
+    monkeypatch.setitem(sys.modules, "accelerate.state", None)  # Accelerate not imported yet: the environment
+    for env, expected in (({}, True), ({"RANK": "1"}, False), ({"RANK": "0", "LOCAL_RANK": "1"}, False)):
+        for key in ("RANK", "LOCAL_RANK"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert console.is_main_process() is expected, env
+
+    class State:  # once set up, Accelerate's answer wins over the environment
+        @staticmethod
+        def is_initialized():
+            return True
+
+        class PartialState:
+            is_main_process = True
+
+    monkeypatch.setitem(sys.modules, "accelerate.state", State)
+    assert console.is_main_process() is True  # RANK=0, LOCAL_RANK=1 above, yet Accelerate says rank 0
+
+    others = _re.compile(r"\.is_main_process\b|is_world_process_zero|process_index == 0")
+    askers = sorted(p.name for p in PACKAGE.rglob("*.py") if p.name not in ("console.py",)
+                    and others.search(p.read_text(encoding="utf-8")))
+    assert set(askers) <= {"ref_cache.py", "trainer.py"}, askers

@@ -3,8 +3,7 @@ SIGTERM, determinism, reference log-probs precomputed once across processes, FSD
 
 Everything runs on CPU with the embedded tiny Llama. The multi-process tests launch `accelerate launch
 --config_file configs/accelerate/cpu_ddp.yaml` (2 processes, gloo), or cpu_fsdp2.yaml, or the DeepSpeed files.
-This file is also the worker script of the precompute test (`accelerate launch ... tests/test_scale.py
-precompute-worker ...`).
+The precompute test's worker script (what `accelerate launch` runs in each process) is tests/scale_worker.py.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ import pytest
 from helpers import REPO, SUBPROCESS_TIMEOUT, TRAIN_PY, subprocess_env, write_tiny_assets
 
 ACCEL = REPO / "configs" / "accelerate"
+WORKER = Path(__file__).with_name("scale_worker.py")
 N_PAIRS = 48
 
 # Mirrors the quickstart's scoring; small and fast. cosine + warmup so resume must restore the scheduler too.
@@ -250,51 +250,6 @@ def test_deepspeed_on_two_cpu_processes_matches_single_process(assets, reference
 # 6. Precomputed reference log-probs: each rank scores its shard once, results gathered, identical everywhere
 
 
-def _precompute_worker(config: str, dump: str):
-    """Runs under `accelerate launch` (or alone): builds the trainer with precompute_ref_log_probs twice, on a
-    disk-backed dataset and on an in-memory one (what train.py passes), and dumps per rank what was scored."""
-    from datasets import Dataset
-
-    from minidpo import train
-    from minidpo.trainer import MiniDPOTrainer
-
-    scored = []
-    original = MiniDPOTrainer.compute_ref_log_probs
-
-    def compute_ref_log_probs(self, model, inputs):
-        scored.append(inputs["input_ids"].shape[0] // 2)  # chosen + rejected rows per pair
-        return original(self, model, inputs)
-
-    MiniDPOTrainer.compute_ref_log_probs = compute_ref_log_probs
-    script_args, training_args, model_args = train.parse(["--config", config])
-    tokenizer = train.prepare_tokenizer(model_args, False)
-    pairs, _, _ = train.load_pairs(script_args, tokenizer, training_args)
-    model = train.load_model(model_args, tokenizer, False)
-    result = {}
-    for kind in ("disk", "memory"):
-        dataset = Dataset.from_list(pairs)
-        if kind == "disk":  # an Arrow file every rank can read, like a dataset loaded with load_dataset
-            arrow = Path(training_args.output_dir) / "pairs.arrow"
-            with training_args.main_process_first():
-                dataset = dataset.flatten_indices(cache_file_name=str(arrow))
-        scored.clear()
-        # A cache of its own per dataset kind: each must really be scored, not read back from the other's.
-        training_args.ref_cache_dir = str(Path(dump).parent / f"ref-cache-{Path(dump).name}-{kind}")
-        try:
-            trainer = MiniDPOTrainer(model, args=training_args, train_dataset=dataset, processing_class=tokenizer)
-        except Exception as e:  # noqa: BLE001 -- reported to the test
-            result[kind] = {"error": f"{type(e).__name__}: {e}"}
-            continue
-        ds = trainer.train_dataset
-        result[kind] = {
-            "world": trainer.accelerator.num_processes, "scored_pairs": sum(scored), "forward_calls": len(scored),
-            "chosen": list(ds["ref_chosen_logps"]), "rejected": list(ds["ref_rejected_logps"]),
-            "ids": [hashlib.sha1(json.dumps(list(x)).encode()).hexdigest()[:12] for x in ds["chosen_input_ids"]],
-        }
-        rank = trainer.accelerator.process_index
-    Path(f"{dump}.{rank}.json").write_text(json.dumps(result))
-
-
 @pytest.fixture(scope="module")
 def precomputed(assets, tmp_path_factory):
     """The worker once under cpu_ddp.yaml (2 processes) and once as a single process."""
@@ -303,7 +258,7 @@ def precomputed(assets, tmp_path_factory):
     for label, world in (("ddp", 2), ("one", 1)):
         config = write_config(tmp / f"{label}.yaml", assets, tmp / label, precompute_ref_log_probs=True,
                               precompute_ref_batch_size=4)
-        args = [str(Path(__file__)), "precompute-worker", str(config), str(tmp / label)]
+        args = [str(WORKER), "precompute", str(config), str(tmp / label)]
         cmd = launch_cmd(*args, config_file="cpu_ddp.yaml") if world == 2 else [sys.executable, *args]
         # A fresh minidpo ref-logp cache (MiniDPOTrainer keeps one across runs): every pair must really be scored.
         env = dict(_env(), MINIDPO_CACHE=str(tmp / "ref-cache"))
@@ -541,6 +496,3 @@ def test_lora_under_cpu_fsdp2_matches_single_process(assets, tmp_path):
         expected = base[f"{key}.weight"] + (b @ a) * (LORA["lora_alpha"] / LORA["lora_r"])
         assert (merged[f"{key}.weight"] - expected).abs().max().item() <= 1e-6
 
-
-if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "precompute-worker":
-    _precompute_worker(sys.argv[2], sys.argv[3])

@@ -48,15 +48,16 @@ def test_training_writes_plots_summary_and_card(trained, small_base):
     assert "Best evaluation" in card
 
 
-def test_plot_callback_only_on_main_process(tmp_path):
+def test_plot_callback_only_on_main_process(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     cb = training_report.callbacks(None)[0]
-    state = SimpleNamespace(is_world_process_zero=False, log_history=[{"step": 1, "loss": 0.7}])
+    state = SimpleNamespace(log_history=[{"step": 1, "loss": 0.7}])
     args = SimpleNamespace(output_dir=str(tmp_path))
+    monkeypatch.setattr(training_report, "is_main_process", lambda: False)  # minidpo.console's one rank-0 test
     cb.on_save(args, state, None)
     assert not (tmp_path / "plots").exists()
-    state.is_world_process_zero = True
+    monkeypatch.setattr(training_report, "is_main_process", lambda: True)
     cb.on_evaluate(args, state, None)  # mid-training evaluations wait for the next save
     assert not (tmp_path / "plots").exists()
     cb.on_save(args, state, None)

@@ -4,6 +4,7 @@ import argparse
 
 from minidpo.commands import new_parser
 from minidpo.errors import UserError
+from minidpo.masking import MASK_MODES
 
 HELP = "reward accuracy and margins of a trained model against its reference; optional side-by-side answers"
 
@@ -24,7 +25,8 @@ def make_parser(subparsers=None) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
     parser.add_argument("--beta", type=float, default=None,
                         help="DPO beta for rewards (default: the run's, from summary.json, else 0.1)")
-    parser.add_argument("--mask-mode", default=None, help="minimind or last-turn (default: the run's, else minimind)")
+    parser.add_argument("--mask-mode", choices=MASK_MODES, default=None,
+                        help="which tokens are scored (default: the run's, else minimind)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N pairs")
     parser.add_argument("--seed", type=int, default=0, help="seed set before generating (greedy decoding)")
     return parser
