@@ -17,6 +17,7 @@ from transformers.utils import logging
 from trl.data_utils import extract_prompt
 from trl.trainer.utils import pad
 
+from minidpo.console import is_main_process
 from minidpo.errors import RecordError
 from minidpo.masking import encode_pair, is_scorable
 from minidpo.scoring import SCORING_VERSION
@@ -121,7 +122,7 @@ def encode_dataset(dataset, tokenizer, args, name: str):
         dataset = dataset.filter(is_scorable, **map_kwargs)
     dropped = None if n is None else n - len(dataset)
     if n is not None:
-        if dropped and args.process_index == 0:
+        if dropped and is_main_process():
             logger.warning(f"{name}: dropped {dropped} of {n} pairs with no scored token after truncation "
                            f"to max_length={args.max_length}. `minidpo convert --tokenizer ... --max-length ...` "
                            "lists them with their line numbers in rejects.jsonl.")
