@@ -13,12 +13,13 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from minidpo import loading
+from minidpo import loading, markdown
 from minidpo.convert import LengthStats
 from minidpo.errors import UserError
 from minidpo.files import write_text_atomic
 from minidpo.masking import DEFAULT_MAX_LENGTH, check_mask_mode, check_tokenizer, encode_pair, is_scorable
 from minidpo.plotting import figure, save
+from minidpo.records import last_user_message
 
 _LONGEST = 10
 
@@ -108,7 +109,7 @@ def analyse_records(splits: dict, tokenizer, max_length: int, mask_mode: str = "
                     identical += 1  # the answers differ only beyond max_length: loss ln 2, nothing learnt
                 elif (sum(cut["chosen_loss_mask"]), sum(cut["rejected_loss_mask"])) != (c, r):
                     answer_cut += 1
-            last_user = next((m["content"] for m in reversed(record["prompt"]) if m["role"] == "user"), "")
+            last_user = last_user_message(record["prompt"])
             # a min-heap of the _LONGEST longest so far: bounded memory, no sort per record
             (heapq.heappush if len(longest) < _LONGEST else heapq.heappushpop)(
                 longest, (seq, split, i, prompt_len, c, r, _snippet(last_user)))
@@ -188,12 +189,6 @@ def _bins(top: int) -> list:
     return list(range(0, top + step + 1, step))
 
 
-def _md_table(header, rows) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    out += ["| " + " | ".join(str(x).replace("|", "\\|") for x in row) + " |" for row in rows]
-    return out
-
-
 def _report_markdown(rep: dict) -> str:
     c = rep["counts"]
     lb, tr, tl = rep["length_bias"], rep["truncation"], rep["token_lengths"]
@@ -201,16 +196,16 @@ def _report_markdown(rep: dict) -> str:
              f"Format **{rep['format']}**, tokenizer `{rep['tokenizer']}`, mask mode `{rep['mask_mode']}`, "
              f"max_length {tr['max_length']}.", "",
              "## Counts", ""]
-    lines += _md_table(["", "pairs"], [["records read", c["records_read"]], ["usable pairs", c["usable"]],
+    lines += markdown.table(["", "pairs"], [["records read", c["records_read"]], ["usable pairs", c["usable"]],
                                        *[[f"  in {k}", v] for k, v in c["by_split"].items()],
                                        ["rejected lines", c["rejected"]]])
     if rep["rejected_by_reason"]:
         lines += ["", "Rejected lines by reason (see `minidpo convert`'s rejects.jsonl for each line):", ""]
-        lines += _md_table(["reason", "lines"], rep["rejected_by_reason"].items())
+        lines += markdown.table(["reason", "lines"], rep["rejected_by_reason"].items())
     lines += ["", "## Token lengths", "",
               "Scored tokens are the ones the loss reads (`encode_pair` masks: the assistant answers and their "
               "end-of-turn token); prompt tokens are the rendered prompt with the assistant header.", ""]
-    lines += _md_table(["", "min", "mean", "p50", "p90", "p99", "max"],
+    lines += markdown.table(["", "min", "mean", "p50", "p90", "p99", "max"],
                        [[k, *(s.get(q, "") for q in ("min", "mean", "p50", "p90", "p99", "max"))]
                         for k, s in tl.items()])
     lines += ["", "![lengths](lengths.png)", "",
@@ -220,7 +215,7 @@ def _report_markdown(rep: dict) -> str:
               f"scored tokens **{lb['mean_length_ratio']:.2f}**.", "", lb["advice"], "",
               "![length pairs](length_pairs.png)", "",
               "## Turns and duplicates", ""]
-    lines += _md_table(["user turns", "pairs"], rep["turns_per_conversation"].items())
+    lines += markdown.table(["user turns", "pairs"], rep["turns_per_conversation"].items())
     d = rep["duplicates"]
     lines += ["", f"{d['exact_duplicate_pairs']} exact duplicate pairs (extra copies of an identical record), "
                   f"{d['repeated_prompts']} pairs repeat a prompt seen earlier with other answers.", "",
@@ -233,7 +228,7 @@ def _report_markdown(rep: dict) -> str:
               "beyond max_length: they train at loss ln 2 and teach nothing).", "",
               "![sequence lengths](sequence_lengths.png)", "",
               "Longest pairs:", ""]
-    lines += _md_table(["tokens", "split", "#", "prompt", "chosen scored", "rejected scored", "last user message"],
+    lines += markdown.table(["tokens", "split", "#", "prompt", "chosen scored", "rejected scored", "last user message"],
                        [[x["tokens"], x["split"], x["index"], x["prompt_tokens"], x["chosen_scored"],
                          x["rejected_scored"], x["last_user_message"]] for x in tr["longest"]])
     return "\n".join(lines) + "\n"

@@ -23,11 +23,12 @@ import shutil
 import textwrap
 from pathlib import Path
 
-from minidpo import loading
+from minidpo import loading, markdown
 from minidpo.errors import UserError
 from minidpo.files import write_text_atomic
 from minidpo.masking import DEFAULT_MAX_LENGTH, encode_pair, is_scorable
 from minidpo.models import check_vocab, ensure_pad_token, load_causal_lm, load_tokenizer
+from minidpo.records import last_user_message
 
 DEFAULT_BETA = 0.1  # MiniMind's and TRL's
 
@@ -64,7 +65,7 @@ def resolve_reference(model_dir: Path, ref: str | None) -> str:
                     code="missing_path")
 
 
-def load_model(path: str, what: str):
+def scoring_model(path: str, what: str):
     """A causal LM (model or LoRA adapter folder) in fp32 and eval mode, with TRL's fused LM head added."""
     import torch
     from trl.trainer.utils import add_fused_lm_head
@@ -87,7 +88,7 @@ def find_tokenizer(model_dir: Path, ref: str):
     raise UserError(f"no tokenizer in {model_dir} or {ref}: save the tokenizer with the model", code="missing_path")
 
 
-def load_pairs(path: str, tokenizer, limit: int | None) -> list[dict]:
+def held_out_pairs(path: str, tokenizer, limit: int | None) -> list[dict]:
     """Held-out pairs: a convert directory's eval split (else its train split), or every pair of a file."""
     p = Path(path).expanduser()
     if not p.exists():
@@ -198,10 +199,6 @@ def side_by_side(policy, ref, tokenizer, records, n: int, max_new_tokens: int = 
     return out
 
 
-def _last_user(prompt: list[dict]) -> str:
-    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
-
-
 def format_terminal(samples: list[dict], width: int | None = None) -> str:
     width = width or shutil.get_terminal_size((120, 20)).columns
     col = max(30, (width - 3) // 2)
@@ -209,7 +206,7 @@ def format_terminal(samples: list[dict], width: int | None = None) -> str:
     for i, s in enumerate(samples, 1):
         turns = len([m for m in s["prompt"] if m["role"] == "user"])
         lines.append("=" * min(width, 2 * col + 3))
-        lines.append(f"[{i}] {_last_user(s['prompt'])}" + (f"  ({turns} user turns)" if turns > 1 else ""))
+        lines.append(f"[{i}] {last_user_message(s['prompt'])}" + (f"  ({turns} user turns)" if turns > 1 else ""))
         left = textwrap.wrap(s["reference"] or "(empty)", col) or [""]
         right = textwrap.wrap(s["policy"] or "(empty)", col) or [""]
         lines.append(f"{'reference':<{col}} | policy")
@@ -221,30 +218,26 @@ def format_terminal(samples: list[dict], width: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def _cell(text: str) -> str:
-    return (text or "*(empty)*").replace("|", "\\|").replace("\n", "<br>")
-
-
 def write_outputs(out: Path, metrics: dict, samples: list[dict], model: str, ref: str, data: str) -> None:
     """eval.json (metrics and samples) and eval.md (the table people read) in `out`."""
     result = {"model": model, "reference": ref, "data": data, **metrics, "samples": samples}
     write_text_atomic(out / "eval.json", json.dumps(result, ensure_ascii=False, indent=2) + "\n")
     lines = [f"# Evaluation of `{model}`", "", f"Reference `{ref}`, data `{data}`: {metrics['pairs']} pairs "
              f"(beta {metrics['beta']}, max_length {metrics['max_length']}, mask mode {metrics['mask_mode']}).", "",
-             "| log-probs | reward accuracy | reward margin | chosen reward | rejected reward | sigmoid loss |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for label in ("length_averaged", "summed"):
-        m = metrics[label]
-        lines.append(f"| {label.replace('_', ' ')} | {m['reward_accuracy']:.3f} | {m['reward_margin']:.4f} | "
-                     f"{m['reward_chosen']:.4f} | {m['reward_rejected']:.4f} | {m['sigmoid_loss']:.4f} |")
+             *markdown.table(["log-probs", "reward accuracy", "reward margin", "chosen reward", "rejected reward",
+                              "sigmoid loss"],
+                             [(label.replace("_", " "), f"{m['reward_accuracy']:.3f}", f"{m['reward_margin']:.4f}",
+                               f"{m['reward_chosen']:.4f}", f"{m['reward_rejected']:.4f}", f"{m['sigmoid_loss']:.4f}")
+                              for label, m in ((k, metrics[k]) for k in ("length_averaged", "summed"))])]
     lines += ["", "Accuracy is the share of pairs whose chosen answer gains more reward (policy vs reference "
                   "log-prob) than the rejected one; 0.5 is chance. Length-averaged is MiniMind's DPO "
                   "(`length_normalize: true`), summed is TRL's.", ""]
     if samples:
-        lines += ["## Answers side by side (greedy)", "", "| prompt | reference | policy | chosen in the data |",
-                  "| --- | --- | --- | --- |"]
-        lines += [f"| {_cell(_last_user(s['prompt']))} | {_cell(s['reference'])} | {_cell(s['policy'])} | "
-                  f"{_cell(s['chosen'])} |" for s in samples]
+        lines += ["## Answers side by side (greedy)", ""]
+        lines += markdown.table(["prompt", "reference", "policy", "chosen in the data"],
+                                [[last_user_message(s["prompt"]) or "*(empty)*", *(s[k] or "*(empty)*" for k in
+                                                                                  ("reference", "policy", "chosen"))]
+                                 for s in samples])
     write_text_atomic(out / "eval.md", "\n".join(lines) + "\n")
 
 
@@ -267,9 +260,9 @@ def evaluate(model, data=None, ref=None, output=None, generate_n=0, max_new_toke
                             code="missing_path")
     ref_path = resolve_reference(model_dir, ref)
     tokenizer = find_tokenizer(model_dir, ref_path)
-    records = load_pairs(data, tokenizer, limit)
-    policy = load_model(str(model_dir), "model")
-    reference = load_model(ref_path, "reference model")
+    records = held_out_pairs(data, tokenizer, limit)
+    policy = scoring_model(str(model_dir), "model")
+    reference = scoring_model(ref_path, "reference model")
     check_vocab(tokenizer, reference, f"the reference {ref_path}", "pass the --ref the model was trained from")
     print(f"[minidpo eval] {len(records)} pairs; policy {model_dir}, reference {ref_path}; beta {beta}")
     metrics = score_pairs(policy, reference, tokenizer, records, max_length, mask_mode, batch_size, beta)

@@ -177,3 +177,8 @@ def in_eval_split(line: bytes, seed: int, fraction: float) -> bool:
     and duplicates of one record always land on the same side (no train/eval leakage)."""
     h = hashlib.blake2b(line, digest_size=8, key=str(seed).encode()).digest()
     return int.from_bytes(h, "big") < fraction * 2**64
+
+
+def last_user_message(messages: list[dict]) -> str:
+    """The content of the last user message of a conversation ("" when there is none)."""
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")

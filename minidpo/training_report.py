@@ -17,6 +17,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from minidpo import markdown
 from minidpo.console import is_main_process
 from minidpo.files import write_text_atomic
 from minidpo.plotting import figure, save
@@ -225,9 +226,7 @@ def write_summary(output_dir, summary: dict) -> Path:
 
 
 def _table(rows: dict) -> str:
-    lines = ["| key | value |", "| --- | --- |"]
-    lines += [f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in rows.items()]
-    return "\n".join(lines)
+    return "\n".join(markdown.table(["key", "value"], [(f"`{k}`", v) for k, v in rows.items()]))
 
 
 def fix_card_base(text: str, trainer) -> str:

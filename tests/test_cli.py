@@ -14,7 +14,7 @@ from minidpo import cli
 PACKAGE = REPO / "minidpo"
 # Lowest first; a module may import only from its own layer or below.
 LAYERS = {
-    "encoding": {"errors", "files", "console", "records", "masking", "embedded", "contracts"},
+    "encoding": {"errors", "files", "console", "markdown", "records", "masking", "embedded", "contracts"},
     "library": {"loading", "prepared", "convert", "models", "pairs", "scoring", "ref_cache", "plotting", "training_report",
                 "minimind_recipe", "config", "distributed", "trainer", "resilience", "run_record", "data_report",
                 "evaluation", "minimind",
