@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from datasets import Dataset
 
 import families
-from helpers import seq_logp, shared_path, to_trl
+from helpers import shared_path
+from records_data import to_trl
+from references import seq_logp
 from minidpo import scoring
 from minidpo.embedded import build_tokenizer, make_preference_records
 from minidpo.trainer import MiniDPOConfig, MiniDPOTrainer

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import (REPO, assert_one_line_error, bad_input_lines, line, minimind_records, pair, read_jsonl,
-                     shared_path, subprocess_env, write_input)
+from helpers import REPO, assert_one_line_error, read_jsonl, shared_path, subprocess_env
+from records_data import bad_input_lines, line, minimind_records, pair, write_input
 from minidpo.convert import convert_file
 from minidpo.errors import UserError
 from minidpo.records import to_trl_record

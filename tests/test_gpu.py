@@ -18,7 +18,9 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, SUBPROCESS_TIMEOUT, perturbed_policy, subprocess_env, to_trl, write_tiny_assets
+from helpers import REPO, SUBPROCESS_TIMEOUT, subprocess_env, write_tiny_assets
+from records_data import to_trl
+from references import perturbed_policy
 
 ON_CPU = os.environ.get("MINIDPO_GPU_TESTS_ON_CPU") == "1"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not (torch.cuda.is_available() or ON_CPU),

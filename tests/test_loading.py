@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from helpers import bad_input_lines, line, pair, read_jsonl, write_input
+from helpers import read_jsonl
+from records_data import bad_input_lines, line, pair, write_input
 from minidpo.convert import convert_file
 from minidpo.errors import UserError
 from minidpo.loading import detect_format, is_eval, load_trl_records

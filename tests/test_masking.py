@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from helpers import minimind_reference, shared_path
+from helpers import shared_path
+from references import minimind_reference
 from minidpo.embedded import build_tokenizer
 from minidpo.errors import RecordError, UserError
 from minidpo.masking import check_tokenizer, encode_pair_with_issues, encode_pair, uses_minimind_markers

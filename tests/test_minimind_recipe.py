@@ -1,8 +1,8 @@
 """configs/minimind2-small.yaml and configs/minimind3.yaml train as MiniMind's own train_dpo.py does, step for step.
 
 The reference is an independent re-implementation of MiniMind's loop (no minidpo code): its DPODataset (masks by
-marker search over ids padded to max_length, `helpers.minimind_reference`; for minimind-3 each side's render passes
-through its post_processing_chat, `helpers.post_processing_chat`, which drops the empty think blocks at random with
+marker search over ids padded to max_length, `references.minimind_reference`; for minimind-3 each side's render passes
+through its post_processing_chat, `references.post_processing_chat`, which drops the empty think blocks at random with
 Python's `random`), each epoch `setup_seed(42 + epoch)` (Python's and torch's generators) + `torch.randperm` read in
 consecutive batches of 4 by a torch DataLoader (minimind-3: 2 workers, seeded by torch as MiniMind's are),
 `get_lr(epoch * iters + step, epochs * iters, lr)` set before each batch from step 1, full-vocabulary log-softmax,
@@ -19,7 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import REPO, minimind_reference, post_processing_chat, shared_path
+from helpers import REPO, shared_path
+from references import minimind_reference, post_processing_chat
 
 EPOCHS, BATCH, PAIRS, MAX_LENGTH = 2, 4, 10, 96
 LR, CLIP = 2e-3, 0.05  # large enough that the weights move; a clip that triggers

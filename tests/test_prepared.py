@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from helpers import REPO, bad_input_lines, read_jsonl, subprocess_env, write_input
+from helpers import REPO, read_jsonl, subprocess_env
+from records_data import bad_input_lines, write_input
 from minidpo import prepared
 from minidpo.convert import convert_file
 from minidpo.loading import is_eval, load_trl_records

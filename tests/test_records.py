@@ -5,7 +5,8 @@ import json
 import pytest
 from hypothesis import given
 
-from helpers import minimind_records, msg, pair, shared_path
+from helpers import shared_path
+from records_data import minimind_records, msg, pair
 from minidpo.errors import RecordError
 from minidpo.records import check_trl_record, find_special_token, special_tokens, to_trl_record
 

@@ -4,7 +4,7 @@ equal to the in-loop reference forward, and keyed by what changes them."""
 import torch
 from datasets import Dataset
 
-from helpers import to_trl
+from records_data import to_trl
 from minidpo.embedded import build_tiny_model, build_tokenizer, make_preference_records
 from minidpo.trainer import MiniDPOConfig, MiniDPOTrainer
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 import yaml
 
-from helpers import (REPO, SUBPROCESS_TIMEOUT, assert_one_line_error, save_small_model, seq_logp, subprocess_env,
-                     to_trl)
+from helpers import REPO, SUBPROCESS_TIMEOUT, assert_one_line_error, save_small_model, subprocess_env
+from records_data import to_trl
+from references import seq_logp
 from minidpo import embedded, train
 from minidpo.errors import UserError
 

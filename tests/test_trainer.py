@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from helpers import EMPTY_THINK_BLOCK, perturbed_policy, post_processing_chat, seq_logp, to_trl
+from records_data import to_trl
+from references import EMPTY_THINK_BLOCK, perturbed_policy, post_processing_chat, seq_logp
 from minidpo.embedded import build_tiny_model, build_tokenizer, make_preference_records
 from minidpo.trainer import MiniDPOConfig, MiniDPOTrainer
 
@@ -718,7 +719,7 @@ def test_empty_think_draws_are_minimind_dataloaders(num_workers, world):
 def test_renders_without_empty_think_blocks_score_minimind_sequences(tmp_path):
     """minimind-3's tokenizer, chosen and rejected each with or without their empty think blocks (in multi-turn
     pairs they then differ inside the prompt): the packed pair rows' loss and gradients equal full-logit ones on
-    MiniMind's own sequences and masks (helpers.minimind_reference after the removal)."""
+    MiniMind's own sequences and masks (references.minimind_reference after the removal)."""
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
     from helpers import minimind_reference, shared_path
