@@ -12,7 +12,7 @@ import torch
 from trl import DPOConfig
 
 from minidpo.masking import MASK_MODES, TRUNCATION_MODES, check_mask_mode
-from minidpo.minimind_recipe import MINIMIND_SCHEDULES
+from minidpo.minimind_recipe import MINIMIND_SCHEDULES, SCHEDULE_ALIASES
 
 
 def _default_bf16() -> bool:
@@ -99,9 +99,10 @@ class MiniDPOConfig(DPOConfig):
     minimind_lr_schedule: str | None = field(
         default=None,
         metadata={"help": "MiniMind's get_lr instead of lr_scheduler_type, stepped as MiniMind steps it (per batch, "
-                          "from 1): '2510' = lr/10 + lr/2*(1+cos(pi*step/total)) (MiniMind up to 2025-12-01, peak "
-                          "1.1*lr), '2512' = lr*(0.1+0.45*(1+cos(pi*step/total))) (from 2025-12-06, peak lr). The "
-                          "floor follows learning_rate.", "choices": [None, *MINIMIND_SCHEDULES]},
+                          "from 1): 'cosine-1.1-to-0.1' = lr/10 + lr/2*(1+cos(pi*step/total)) (MiniMind up to "
+                          "2025-12-01; alias '2510'), 'cosine-1.0-to-0.1' = lr*(0.1+0.45*(1+cos(pi*step/total))) "
+                          "(from 2025-12-06; alias '2512'). The floor follows learning_rate.",
+                  "choices": [None, *MINIMIND_SCHEDULES, *SCHEDULE_ALIASES]},
     )
     minimind_data_order: bool = field(
         default=False,
@@ -135,6 +136,7 @@ class MiniDPOConfig(DPOConfig):
 
     def __post_init__(self):
         check_mask_mode(self.mask_mode)
+        self.minimind_lr_schedule = SCHEDULE_ALIASES.get(self.minimind_lr_schedule, self.minimind_lr_schedule)
         if self.minimind_lr_schedule not in (None, *MINIMIND_SCHEDULES):
             raise ValueError(f"minimind_lr_schedule must be one of {list(MINIMIND_SCHEDULES)}, got "
                              f"{self.minimind_lr_schedule!r}")

@@ -20,11 +20,14 @@ from datasets import Dataset
 
 from minidpo.masking import NO_THINK, SIDES
 
-# MiniMind's get_lr(step, total, lr) / lr, by the version that introduced it
+# MiniMind's get_lr(step, total, lr) / lr, named by its shape: a cosine from 1.1 (MiniMind up to 2025-12-01) or 1.0
+# (from 2025-12-06) times lr down to 0.1 times lr
 MINIMIND_SCHEDULES = {
-    "2510": lambda progress: 0.1 + 0.5 * (1 + math.cos(math.pi * progress)),
-    "2512": lambda progress: 0.1 + 0.45 * (1 + math.cos(math.pi * progress)),
+    "cosine-1.1-to-0.1": lambda progress: 0.1 + 0.5 * (1 + math.cos(math.pi * progress)),
+    "cosine-1.0-to-0.1": lambda progress: 0.1 + 0.45 * (1 + math.cos(math.pi * progress)),
 }
+# the names of earlier minidpo configs: MiniMind's version dates (2025-10 and 2025-12)
+SCHEDULE_ALIASES = {"2510": "cosine-1.1-to-0.1", "2512": "cosine-1.0-to-0.1"}
 
 NO_THINK_COLUMNS = tuple(f"{side}{NO_THINK}_{k}" for side in SIDES for k in ("input_ids", "loss_mask"))
 

@@ -46,7 +46,7 @@ def test_minimind_configs_are_minimind_runs(name, tmp_path):
     assert args.mask_mode == "minimind" and args.loss_type == ["sigmoid"] and args.max_length == 1024
     assert args.num_train_epochs == 1 and args.per_device_train_batch_size == 4
     assert args.gradient_accumulation_steps == 1 and args.max_grad_norm == 1.0 and args.weight_decay == 0.01
-    assert args.minimind_lr_schedule == "2512" and args.minimind_data_order and args.decay_all_parameters
+    assert args.minimind_lr_schedule == "cosine-1.0-to-0.1" and args.minimind_data_order and args.decay_all_parameters
     # minimind-3's DPODataset: post_processing_chat(empty_think_ratio=0.2), --num_workers 8
     assert (args.empty_think_keep_ratio, args.minimind_num_workers) == ((0.2, 8) if minimind3 else (1.0, 0))
     # bf16 is left to the hardware default: not in the file, so parsing gives what MiniDPOConfig picks alone
@@ -64,7 +64,7 @@ def test_minimind_configs_are_minimind_runs(name, tmp_path):
 def _trainer(tmp_path, **config):
     from datasets import Dataset
 
-    from helpers import to_trl
+    from records_data import to_trl
     from minidpo.embedded import build_tiny_model, build_tokenizer, make_preference_records
     from minidpo.trainer import MiniDPOTrainer
 

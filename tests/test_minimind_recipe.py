@@ -158,7 +158,7 @@ def test_config_trains_as_minimind(tmp_path, monkeypatch, version, config):
 # Each behaviour alone, without a Trainer (minidpo.minimind_recipe)
 
 
-@pytest.mark.parametrize("schedule,half", [("2510", 0.5), ("2512", 0.45)])
+@pytest.mark.parametrize("schedule,half", [("cosine-1.1-to-0.1", 0.5), ("cosine-1.0-to-0.1", 0.45)])
 @pytest.mark.parametrize("accumulation", [1, 3])
 def test_lr_factor_is_minimind_get_lr_per_batch(schedule, half, accumulation):
     """MiniMind's get_lr(step, total, lr) / lr, written out: 0.1 + half * (1 + cos(pi * step / total)), with step the

@@ -165,7 +165,7 @@ def test_a_file_rewritten_with_the_same_size_and_mtime_is_prepared_again(tmp_pat
     is the content, so the new pairs are trained on, not the old folder's."""
     import os
 
-    from helpers import line, pair
+    from records_data import line, pair
 
     src, cache = tmp_path / "dpo.jsonl", tmp_path / "cache"
     src.write_bytes(line(pair("q", "good A", "bad A")) + b"\n")

@@ -389,7 +389,7 @@ def test_pairs_identical_after_truncation_are_warned(tiny_assets, tmp_path, caps
 def test_an_eval_fraction_that_holds_out_nothing_is_a_warning(tiny_assets, tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    from helpers import line, pair
+    from records_data import line, pair
 
     src = tmp_path / "dpo.jsonl"
     src.write_bytes(b"".join(line(pair(f"q{i}", f"good {i}", f"bad {i}")) + b"\n" for i in range(3)))

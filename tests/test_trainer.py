@@ -722,7 +722,8 @@ def test_renders_without_empty_think_blocks_score_minimind_sequences(tmp_path):
     MiniMind's own sequences and masks (references.minimind_reference after the removal)."""
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    from helpers import minimind_reference, shared_path
+    from helpers import shared_path
+    from references import minimind_reference
     from minidpo.masking import common_prefix
     from minidpo.minimind_recipe import Renders
 
