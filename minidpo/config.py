@@ -87,8 +87,9 @@ class MiniDPOConfig(DPOConfig):
     )
     share_prompt: bool = field(
         default=True,
-        metadata={"help": "Run each pair as one sequence holding the shared prompt once, chosen answer then rejected "
-                          "answer, the rejected answer masked from the chosen one. Same loss, fewer tokens."},
+        metadata={"help": "Packed pair rows: run each pair as one sequence holding the shared prompt once, chosen "
+                          "answer then rejected answer, the rejected answer masked from the chosen one, for the model "
+                          "families where that is proven exact (others keep two rows). Same loss, fewer tokens."},
     )
     ref_cache_dir: str | None = field(
         default=None,
