@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -73,14 +75,54 @@ def remove_orphans(folder) -> list:
     return removed
 
 
+# What a full disk (or quota) looks like from Python's, torch's and safetensors' writers
+_DISK_FULL = ("No space left on device", "Disk quota exceeded", "StorageFull", "file write failed")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(text in str(error) for text in _DISK_FULL)
+
+
 def write_error(what: str, path, error: Exception, advice: str) -> "UserError":
     """The one-line `UserError` for a failed write of `what` to `path` (disk full, read-only, no permission, a file
     where a folder belongs), with `advice` on what to change. `error` is an OSError, or what a writer that does its
     own I/O raises instead (safetensors' SafetensorError names the OS error in its text)."""
     reason = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [repr(error)])[0]
-    if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+    if is_disk_full(error):
         reason, advice = "no space left on the device", f"free some space, or {advice}"
     return UserError(f"cannot write {what} to {path}: {reason}; {advice}", code="write_failed")
+
+
+# Set by `digests_shared()`: the digests of files already read in this scope, by file identity, size and mtime.
+_SHARED_DIGESTS: contextvars.ContextVar = contextvars.ContextVar("minidpo_shared_digests", default=None)
+
+
+def file_digest(path) -> str:
+    """sha256 of the bytes of `path`: what content-keyed caches and run records stand on, never a path or a
+    modification time. Inside `digests_shared()` a file is read once however often it is asked for."""
+    shared = _SHARED_DIGESTS.get()
+    stat = os.stat(path)
+    key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if shared is not None and key in shared:
+        return shared[key]
+    with open(path, "rb") as stream:
+        digest = hashlib.file_digest(stream, "sha256").hexdigest()
+    if shared is not None:
+        shared[key] = digest
+    return digest
+
+
+@contextlib.contextmanager
+def digests_shared():
+    """One read per file for the `file_digest` calls inside: a run's record and its prepared-data key hash the same
+    data seconds apart. Outside it, every call reads the file (a rewrite with the same size and mtime is seen)."""
+    token = _SHARED_DIGESTS.set({})
+    try:
+        yield
+    finally:
+        _SHARED_DIGESTS.reset(token)
 
 
 def cache_root() -> Path:

@@ -332,14 +332,15 @@ def _encode_messages_pair(record: dict, tokenizer, max_length, mask_mode: str, t
     kwargs = template_kwargs(record)
     for side in SIDES:
         messages = record["prompt"] + record[side]
-        enc = _encode_side(messages, tokenizer, max_length, mask_mode, side, kwargs, truncation_mode)
+        # rendered here once when the empty think blocks are looked for too (no_think implies MiniMind's markers)
+        text = render(messages, tokenizer, **kwargs) if no_think else None
+        enc = _encode_side(messages, tokenizer, max_length, mask_mode, side, kwargs, truncation_mode, text)
         out[f"{side}_input_ids"] = enc.ids
         out[f"{side}_loss_mask"] = enc.mask
         full[side] = enc.full_ids
         issues += enc.issues
         if no_think:
             # MiniMind's post_processing_chat: a plain text replace over the whole render, every turn at once
-            text = render(messages, tokenizer, **kwargs)
             bare = (_encode_side(messages, tokenizer, max_length, mask_mode, side, kwargs, truncation_mode,
                                  text.replace(EMPTY_THINK, "")) if EMPTY_THINK in text else _Encoded([], [], [], []))
             out[f"{side}{NO_THINK}_input_ids"], out[f"{side}{NO_THINK}_loss_mask"] = bare.ids, bare.mask

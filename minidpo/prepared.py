@@ -69,23 +69,12 @@ class PreparedData:
                 else f"all {n} lines rejected as {reason} (first: {example})")
 
 
-def content_digest(path) -> str:
-    """A hash of the bytes of `path`, read in 1 MiB chunks: what the cache key stands on. A file rewritten with the
-    same size and modification time (a restore, `touch -r`, a sync tool) gets another key. blake2b reads
-    several hundred MB/s on one core: seconds per GB, against minutes to validate it."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_key(path, fmt: str, tokenizer, splits: tuple, eval_fraction: float, seed: int) -> str:
-    """A name for what `prepare` writes: the content of each split's file (`content_digest`; never a path or a
+    """A name for what `prepare` writes: the content of each split's file (`files.file_digest`; never a path or a
     modification time, so the same bytes anywhere share a folder), their format, the strings rejected inside
     contents (they depend on the tokenizer), the splits read and the eval split."""
     sources = (loading.split_path(path, split, fmt) for split in splits)
-    digests = [content_digest(f) if f is not None else None for f in sources]
+    digests = [files.file_digest(f) if f is not None else None for f in sources]
     blob = json.dumps([_VERSION, digests, fmt, special_tokens(tokenizer), list(splits), eval_fraction, seed])
     return hashlib.blake2b(blob.encode("utf-8"), digest_size=12).hexdigest()
 

@@ -178,18 +178,6 @@ def remove_checkpoints(output_dir) -> list[str]:
     return [p.name for p in gone]
 
 
-# What a full disk (or quota) looks like from Python's, torch's and safetensors' writers
-_DISK_FULL = ("No space left on device", "Disk quota exceeded", "StorageFull", "file write failed")
-
-
-def is_disk_full(error: BaseException) -> bool:
-    import errno
-
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return any(text in str(error) for text in _DISK_FULL)
-
-
 def disk_full(error: BaseException, output_dir, step: int) -> UserError:
     """The one line for a write that found the disk full during training or the final save; the checkpoint being
     written (incomplete) is removed, so only complete ones are left."""
@@ -496,6 +484,11 @@ def check_launch(args) -> None:
                         + "; see configs/accelerate/cpu_ddp.yaml", code="launch")
 
 
+def find_callback(trainer, cls):
+    """The callback of type `cls` the trainer runs, or None."""
+    return next((c for c in trainer.callback_handler.callbacks if isinstance(c, cls)), None)
+
+
 def callbacks(args) -> list:
     """Trainer callbacks this module contributes to every run."""
     return [PreemptionCallback()]
@@ -504,7 +497,7 @@ def callbacks(args) -> list:
 def preempted(trainer) -> bool:
     """Whether `trainer.train()` returned because of a preemption signal; if so, says on the main process where the
     checkpoint is and how to resume. train.py then exits 0 without its final evaluate/save: the run is not done."""
-    cb = next((c for c in trainer.callback_handler.callbacks if isinstance(c, PreemptionCallback)), None)
+    cb = find_callback(trainer, PreemptionCallback)
     if cb is None or not cb.preempted:
         return False
     if is_main_process():

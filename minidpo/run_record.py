@@ -27,6 +27,7 @@ from transformers.trainer_callback import ExportableState
 
 from minidpo.console import say
 from minidpo.errors import UserError
+from minidpo.files import file_digest
 
 # The settings that decide what a run optimises: a resume with other values trains a different run.
 SETTINGS = ("data", "eval_fraction", "eval_split_seed", "model", "max_length", "mask_mode", "length_normalize",
@@ -39,10 +40,8 @@ def data_digest(path, splits=("train", "eval")) -> str:
     files = [path / f"{s}.jsonl" for s in splits if (path / f"{s}.jsonl").is_file()] if path.is_dir() else [path]
     digest = hashlib.sha256()
     for f in files:
-        digest.update(f"{f.name}\0".encode())
         try:
-            with open(f, "rb") as stream:
-                digest.update(hashlib.file_digest(stream, "sha256").digest())
+            digest.update(f"{f.name}\0{file_digest(f)}".encode())
         except OSError as e:
             raise UserError(f"dataset_name: cannot read {f}: {e.strerror or e}", code="missing_path") from None
     return digest.hexdigest()
@@ -81,13 +80,10 @@ def describe_changes(changed: dict, words=("there", "here")) -> str:
     return "; ".join(f"{k} {_show(k, old)} {words[0]}, {_show(k, new)} {words[1]}" for k, (old, new) in changed.items())
 
 
-def _saved_record(checkpoint) -> dict | None:
+def _saved_record(state: dict) -> dict | None:
     """The RunRecord attributes a checkpoint's trainer_state.json holds, or None (an older minidpo, another tool)."""
-    try:
-        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    saved = state.get("stateful_callbacks", {}).get(RunRecord.__name__) if isinstance(state, dict) else None
+    callbacks = state.get("stateful_callbacks")
+    saved = callbacks.get(RunRecord.__name__) if isinstance(callbacks, dict) else None
     if isinstance(saved, list):  # Trainer keeps a list when several callbacks share the name
         saved = saved[-1] if saved else None
     attributes = saved.get("attributes") if isinstance(saved, dict) else None
@@ -116,7 +112,9 @@ class RunRecord(TrainerCallback, ExportableState):
     # -- before training
     def resume(self, checkpoint, accept: bool) -> None:
         """Take over the record of `checkpoint`; UserError naming each setting that differs, unless `accept`."""
-        saved = _saved_record(checkpoint)
+        # a complete checkpoint's trainer_state.json (resilience.checkpoint_problem has read it already)
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+        saved = _saved_record(state)
         name = Path(checkpoint).name
         if saved is None:
             if not accept:
@@ -139,8 +137,7 @@ class RunRecord(TrainerCallback, ExportableState):
         self.resumes = list(saved.get("resumes") or [])
         totals = saved.get("totals") if isinstance(saved.get("totals"), dict) else {}
         self.totals = {k: totals.get(k, v) for k, v in _zero_totals().items()}
-        step = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
-        self.resumes.append({"step": step, "checkpoint": str(checkpoint), "changed": changed})
+        self.resumes.append({"step": state["global_step"], "checkpoint": str(checkpoint), "changed": changed})
 
     def attach(self, trainer) -> None:
         """Follow `trainer`'s token counter, continued from the checkpoint's count."""
@@ -167,10 +164,6 @@ class RunRecord(TrainerCallback, ExportableState):
             t["loss_sum"] += s["loss_sum"]
             t["loss_steps"] += s["loss_steps"]
         return t
-
-    def train_loss(self) -> float | None:
-        t = self.so_far()
-        return t["loss_sum"] / t["loss_steps"] if t["loss_steps"] else None
 
     # -- during training
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
@@ -225,10 +218,6 @@ def _scale_learning_rate(optimizer, scheduler, scale: float) -> None:
     for name in ("base_lrs", "_last_lr"):
         if isinstance(getattr(inner, name, None), list):
             setattr(inner, name, [lr * scale for lr in getattr(inner, name)])
-
-
-def find(trainer, cls):
-    return next((c for c in trainer.callback_handler.callbacks if isinstance(c, cls)), None)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from trl import ModelConfig, ScriptArguments as TrlScriptArguments, TrlParser
 
-from minidpo import loading, prepared, resilience, run_record, training_report
+from minidpo import files, loading, prepared, resilience, run_record, training_report
 from minidpo.commands import TRAIN_HELP
 from minidpo.console import is_main_process, say
 from minidpo.errors import UserError, exit_status
-from minidpo.files import atomic_path, write_text_atomic
+from minidpo.files import atomic_path, is_disk_full, write_text_atomic
 from minidpo.masking import check_tokenizer, encode_pair, is_scorable
 from minidpo.models import check_vocab, ensure_pad_token, first_line, load_causal_lm, load_tokenizer
 from minidpo.trainer import MiniDPOConfig
@@ -383,11 +383,12 @@ def _train(script_args: ScriptArguments, training_args: MiniDPOConfig, model_arg
             return done
     checkpoint = resilience.resolve_resume(training_args)
     dataset_path(script_args)  # named before its content is read for the run's record
-    record = run_record.RunRecord(run_record.run_settings(script_args, training_args, model_args))
-    if checkpoint is not None:
-        record.resume(checkpoint, accept=script_args.accept_resume_changes)
-    tokenizer = prepare_tokenizer(model_args, training_args.trust_remote_code)
-    train, evals, n_rejected = load_pairs(script_args, tokenizer, training_args)
+    with files.digests_shared():  # the record and the prepared pairs' key hash the data: one read
+        record = run_record.RunRecord(run_record.run_settings(script_args, training_args, model_args))
+        if checkpoint is not None:
+            record.resume(checkpoint, accept=script_args.accept_resume_changes)
+        tokenizer = prepare_tokenizer(model_args, training_args.trust_remote_code)
+        train, evals, n_rejected = load_pairs(script_args, tokenizer, training_args)
     if is_main_process():
         # Every process would reach the same verdict, and reading an evenly spread sample maps hundreds of MB of
         # the memory-mapped pairs into the reader (the kernel reads ahead around each row).
@@ -426,7 +427,7 @@ def _train(script_args: ScriptArguments, training_args: MiniDPOConfig, model_arg
     try:
         return _run(trainer, script_args, model_args, checkpoint, n_rejected)
     except Exception as e:
-        if isinstance(e, UserError) or not resilience.is_disk_full(e):
+        if isinstance(e, UserError) or not is_disk_full(e):
             raise
         raise resilience.disk_full(e, out, trainer.state.global_step) from None
 

@@ -179,24 +179,25 @@ def training_summary(trainer, eval_metrics: dict, n_rejected: int = 0) -> dict:
 
     Tokens, seconds and the train loss are the whole run's, over every resume (`run_record.RunRecord` carries them
     in the checkpoints); `resumes` lists each resume and the settings it changed, `config` the settings used last."""
-    from minidpo.run_record import RunRecord, find
+    from minidpo.resilience import find_callback
+    from minidpo.run_record import RunRecord
 
     state = trainer.state
     train_runtime = next((e["train_runtime"] for e in reversed(state.log_history) if "train_runtime" in e), None)
     tokens = trainer._total_train_tokens
     args = trainer.args
-    plot_cb = find(trainer, PlotCallback)
+    plot_cb = find_callback(trainer, PlotCallback)
     started = getattr(plot_cb, "started", None)
     wall = round(time.time() - started, 2) if started else train_runtime
     final_train = _final(state.log_history, "")
-    record = find(trainer, RunRecord)
+    record = find_callback(trainer, RunRecord)
     resumes, data = [], None
     if record is not None:
         totals = record.so_far()
         tokens, train_runtime, wall = totals["train_tokens"], totals["train_seconds"], round(totals["wall_seconds"], 2)
         resumes, data = record.resumes, record.settings.get("data")
-        if record.train_loss() is not None and "train_loss" in final_train:
-            final_train.update(train_loss=record.train_loss(), train_runtime=train_runtime)
+        if totals["loss_steps"] and "train_loss" in final_train:
+            final_train.update(train_loss=totals["loss_sum"] / totals["loss_steps"], train_runtime=train_runtime)
     plots_dir = Path(args.output_dir) / "plots"
     return {
         "final_eval": {k: v for k, v in eval_metrics.items()},

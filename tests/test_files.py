@@ -60,3 +60,21 @@ def test_remove_orphans_takes_only_what_dead_processes_of_this_host_left(tmp_pat
     assert sorted(tmp_path.iterdir()) == sorted(kept)
     assert remove_orphans(tmp_path / "missing") == []
     assert os.getpid() != dead.pid
+
+
+def test_file_digest_reads_a_file_once_inside_digests_shared_and_every_time_outside(tmp_path, monkeypatch):
+    import hashlib
+
+    from minidpo import files
+
+    data = tmp_path / "dpo.jsonl"
+    data.write_bytes(b'{"a": 1}\n')
+    reads = []
+    real = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda *a: reads.append(1) or real(*a))
+    expected = hashlib.sha256(b'{"a": 1}\n').hexdigest()
+    with files.digests_shared():
+        assert files.file_digest(data) == files.file_digest(data) == expected
+    assert len(reads) == 1
+    assert files.file_digest(data) == files.file_digest(data) == expected
+    assert len(reads) == 3
