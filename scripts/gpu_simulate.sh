@@ -8,7 +8,8 @@
 #    (pydantic, for one) is removed again, so the carried copies are the ones used. Kept between runs.
 # 2. scripts/gpu_wheels.sh: the carried wheels into .whl/.
 # 3. With the venv's python3 first on PATH, no PYTHONPATH and the network cut (`unshare -n`, where this user may):
-#    the documented device call (docs/performance.md) itself, which without CUDA must stop at once with exit 2 and its reason; then
+#    the documented device call (docs/performance.md) itself, which without CUDA must stop at once with exit 2 and
+#    its reason; then
 #    scripts/gpu_check.sh --cpu: the wheels unpacked offline, the preflight, the gpu tests that run on a CPU plus
 #    the contracts, and a tiny bench. What it cannot show: CUDA, Triton, FSDP2/ZeRO on a GPU, speeds.
 # Never run by the tests (it downloads about 4 GB the first time); it never touches the python it is started from.
